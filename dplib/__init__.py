@@ -1,0 +1,1 @@
+"""dplib: distribution prompting for causal language models."""
