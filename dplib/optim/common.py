@@ -101,6 +101,27 @@ def kl_from_logprobs(target_probs: Tensor, model_logprobs: Tensor) -> Tensor:
     return (torch.special.xlogy(p, p) - p * model_logprobs).sum(-1)
 
 
+def allowed_tokens(tokenizer, width: int, *, ascii_only: bool = False) -> Tensor:
+    """(width,) bool mask of the token ids a real prompt may use.
+
+    Excluded always: special tokens (BOS, EOS, PAD, chat markers, every added special token) and the
+    padding rows beyond `len(tokenizer)` (they have embeddings but no string). With `ascii_only`,
+    tokens whose decoded text is empty or not printable ASCII are excluded too.
+    """
+    n = min(len(tokenizer), width)
+    mask = torch.zeros(width, dtype=torch.bool)
+    mask[:n] = True
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special}
+    mask[[i for i in special if i < width]] = False
+    if ascii_only:
+        for i in range(n):
+            if mask[i]:
+                text = tokenizer.decode([i])
+                mask[i] = bool(text) and text.isascii() and text.isprintable()
+    return mask
+
+
 # --------------------------------------------------------------------------------------------
 # Best-so-far tracking with per-target early stopping.
 # --------------------------------------------------------------------------------------------
