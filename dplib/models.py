@@ -273,6 +273,9 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "au
             directory, hit = _cached_copy(key, lambda scratch: path, str(path))
             info |= {"kind": "gguf", "source_sha256": key, "cache_dir": str(directory), "cache_hit": hit}
         elif path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ModelLoadError(f"{name!r} is not a loadable Hugging Face model directory (no config.json). "
+                                     f"Accepted: {_accepted()}.")
             directory = path
             info |= {"kind": "local", "cache_hit": None}
         else:
