@@ -1,23 +1,44 @@
 """Target distributions: the `Targets` batch type, its validation, and the samplers.
 
 A target is a probability vector over a model's whole vocabulary — the logits width, which can
-exceed `len(tokenizer)` (padding rows carry zero mass) — plus metadata. A batch of T targets is a
-`Targets`: `probs` (T, vocab), `entropy` (T,) in nats, and one metadata row per target
-(`frame()`), whose `target_id` names the target stably so that per-cell seeds can derive from it.
+exceed `len(tokenizer)` — plus metadata. A batch of T targets is a `Targets`: `probs` (T, vocab),
+`entropy` (T,) in nats, and one metadata row per target (`frame()`), whose `target_id` names the
+target stably so that per-cell seeds can derive from it.
+
+Samplers (each returns a validated `Targets`):
+- `vanilla(vocab_size, entropies, method=...)`: random targets at exact entropies (|H − h| ≤ 1e-6).
+- `outliers(vocab_size, entropy, k, mass)`: k tokens sharing mass m, the rest tempered to exact h.
+- `from_model(model, tokenizer, n)`: a model's next-token distributions at seeded corpus positions.
+- `reference(model, tokenizer, contexts)`: a model's distribution after given contexts (KL 0 reachable).
+- `map_vocab(targets, source_tokenizer, target_tokenizer, width)`: string-level move across tokenizers.
+
+Shortcuts taken: random targets spread mass over every row of the width they are given, padding
+rows included (pass `logits_width(model)`); LM and reference targets keep whatever mass the model
+puts on its padding rows, because they must stay the model's own distributions. The temperature
+solver is a safeguarded Newton iteration on log β rather than plain bisection (same bracket,
+same guarantee, ~5× fewer passes over a 262,144-wide batch).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import math
+import os
+import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
 
 from . import metrics
+from .seeds import derive_seed, generator
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +174,9 @@ class Targets:
         widths = {b.vocab_size for b in batches}
         if len(widths) != 1:
             raise TargetError(f"cannot concatenate targets of different vocabulary widths {sorted(widths)}.")
-        dtype = torch.promote_types(*(b.probs.dtype for b in batches)) if len(batches) > 1 else batches[0].probs.dtype
+        dtype = batches[0].probs.dtype
+        for b in batches[1:]:  # promote_types takes exactly two dtypes
+            dtype = torch.promote_types(dtype, b.probs.dtype)
         return Targets(torch.cat([b.probs.to(dtype) for b in batches]),
                        pd.concat([b.meta for b in batches], ignore_index=True))
 
@@ -166,3 +189,739 @@ class Targets:
                 f"Build targets with vocab_size=logits_width(model) (= {width}; it can exceed "
                 "len(tokenizer), the padding rows get zero mass), or map them across tokenizers "
                 "with dplib.targets.map_vocab.")
+
+
+# --------------------------------------------------------------------------------------------
+# Tempering: softmax(β z) at a requested entropy, the whole batch at once.
+# --------------------------------------------------------------------------------------------
+
+SOLVER_TOLERANCE = 1e-10  # |H − h| the temperature solver reaches, nats (the contract is 1e-6)
+ENTROPY_TOLERANCE = 1e-6  # |realised − requested| entropy every sampler guarantees, nats
+_CHUNK_ELEMENTS = 1 << 23  # rows are processed in chunks of ~8M float64 entries (~64 MB a temporary)
+
+
+def _row_chunks(n_rows: int, width: int):
+    step = max(1, _CHUNK_ELEMENTS // max(1, width))
+    for start in range(0, n_rows, step):
+        yield slice(start, min(n_rows, start + step))
+
+
+def _entropy_and_slope(z: Tensor, log_beta: Tensor) -> tuple[Tensor, Tensor]:
+    """H(softmax(β z)) and −dH/d(log β) = β² Var_p(z), per row; z (B, n) float64, log_beta (B,)."""
+    beta = torch.exp(log_beta).unsqueeze(-1)
+    logp = torch.log_softmax(z * beta, dim=-1)
+    p = torch.exp(logp)
+    entropy = -(p * logp).sum(-1)
+    mean = (p * z).sum(-1)
+    var = ((p * z * z).sum(-1) - mean * mean).clamp(min=0.0)
+    return entropy, var * beta.squeeze(-1) ** 2
+
+
+def _solve_log_beta(z: Tensor, h: Tensor, tol: float = SOLVER_TOLERANCE, max_iter: int = 200) -> Tensor:
+    """log β per row with |H(softmax(β z)) − h| ≤ tol: safeguarded Newton on log β.
+
+    H is strictly decreasing in β (dH/dβ = −β Var_p(z)), from ln n at β = 0 to 0 as β → ∞, so a
+    bracket [lo, hi] on log β always holds the root; a Newton step that leaves it is replaced by
+    bisection. The start is the random-energy-model estimate H ≈ ln n − β²/2 (exact for small β
+    and z ~ N(0, 1)), which leaves 3–10 iterations for most rows. Rows need 0 < h < ln n.
+    """
+    n = z.shape[-1]
+    log_beta = 0.5 * torch.log((2.0 * (math.log(n) - h)).clamp(min=1e-30)).clamp(-40.0, 40.0)
+    lo = torch.full_like(h, -60.0)  # β = e^-60: H = ln n up to 1e-52
+    hi = torch.full_like(h, 60.0)   # β = e^60: H = 0 unless the top two z tie to 1e-24
+    active = torch.arange(len(h))
+    for _ in range(max_iter):
+        if active.numel() == 0:
+            return log_beta
+        u = log_beta[active]
+        entropy, slope = _entropy_and_slope(z[active], u)
+        f = entropy - h[active]
+        done = f.abs() <= tol
+        lo[active] = torch.where(f > 0, u, lo[active])
+        hi[active] = torch.where(f > 0, hi[active], u)
+        step = u + f / slope
+        off = ~torch.isfinite(step) | (step <= lo[active]) | (step >= hi[active])
+        step = torch.where(off, 0.5 * (lo[active] + hi[active]), step)
+        log_beta[active] = torch.where(done, u, step)
+        active = active[~done]
+    raise TargetError(f"the temperature solver did not reach |H − h| ≤ {tol} for rows "
+                      f"{active.tolist()[:10]} in {max_iter} iterations (are some logits tied at the top?).")
+
+
+def _temper(z: Tensor, h: Tensor, tol: float = SOLVER_TOLERANCE) -> Tensor:
+    """(B, n) float64 logits, (B,) entropies in [0, ln n] → (B, n) float64 softmax(β z) with H = h.
+
+    h = 0 gives the exact one-hot on argmax z, h = ln n the exact uniform distribution.
+    """
+    n = z.shape[-1]
+    probs = torch.empty_like(z)
+    for rows in _row_chunks(len(h), n):
+        zc, hc = z[rows], h[rows]
+        out = torch.empty_like(zc)
+        one_hot = hc <= 0.0
+        uniform = hc >= math.log(n)
+        out[one_hot] = 0.0
+        out[one_hot, zc[one_hot].argmax(-1)] = 1.0
+        out[uniform] = 1.0 / n
+        mid = ~(one_hot | uniform)
+        if mid.any():
+            log_beta = _solve_log_beta(zc[mid], hc[mid], tol)
+            out[mid] = torch.softmax(zc[mid] * torch.exp(log_beta).unsqueeze(-1), dim=-1)
+        probs[rows] = out
+    return probs
+
+
+def _check_entropies(entropies, width: int, name: str = "entropies") -> Tensor:
+    h = torch.as_tensor(entropies, dtype=torch.float64).reshape(-1)
+    if h.numel() == 0:
+        raise TargetError(f"{name} is empty; pass at least one entropy in nats.")
+    top = math.log(width)
+    bad = ~torch.isfinite(h) | (h < 0) | (h > top)
+    if bad.any():
+        raise TargetError(f"{name} {h[bad].tolist()[:5]} are outside [0, ln {width}] = [0, {top:.6f}] nats; "
+                          "an entropy over a vocabulary of that width must lie in this range "
+                          "(entropy_grid(vocab_size, n) gives a valid grid).")
+    return h
+
+
+def _check_vocab(vocab_size) -> int:
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
+        raise TargetError(f"vocab_size must be an int ≥ 2 (the model's logits width, logits_width(model)); "
+                          f"got {vocab_size!r}.")
+    return vocab_size
+
+
+def _row_logits(seed: int, kind: str, index: int, n: int) -> Tensor:
+    """z ~ N(0, 1) of length n, float64, a function of (seed, kind, index) only."""
+    return torch.randn(n, generator=generator(derive_seed(seed, kind, index)), dtype=torch.float64)
+
+
+def _store(probs64: Tensor, requested: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """Cast to the storage dtype: float32 unless that moves some realised entropy by > 1e-6.
+
+    float32 rounding moves H by at most 2⁻²⁴·(1 + H) to first order (< 8.1e-7 for |V| ≤ 262,144),
+    and measured errors are ~1e-8; the check makes the guarantee unconditional.
+    """
+    if dtype is not None:
+        out = probs64.to(dtype)
+        err = (metrics.entropy(out.double()) - requested).abs().max().item()
+        if err > ENTROPY_TOLERANCE:
+            raise TargetError(f"storing targets as {dtype} moves their entropy by {err:.2e} nats "
+                              f"(> {ENTROPY_TOLERANCE}); use dtype=torch.float64.")
+        return out
+    out = probs64.float()
+    if (metrics.entropy(out.double()) - requested).abs().max().item() <= ENTROPY_TOLERANCE:
+        return out
+    log.info("float32 storage would miss the requested entropy by > %g nats; keeping float64", ENTROPY_TOLERANCE)
+    return probs64
+
+
+# --------------------------------------------------------------------------------------------
+# Vanilla (random) targets.
+# --------------------------------------------------------------------------------------------
+
+VANILLA_METHODS = ("temperature", "gradient")
+
+
+def entropy_grid(vocab_size: int, n: int) -> Tensor:
+    """n evenly spaced entropies over [0, ln vocab_size], both ends included; (n,) float64, nats."""
+    vocab_size = _check_vocab(vocab_size)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise TargetError(f"n must be a positive int, got {n!r}.")
+    if n == 1:
+        return torch.tensor([0.0], dtype=torch.float64)
+    grid = torch.linspace(0.0, math.log(vocab_size), n, dtype=torch.float64)
+    grid[-1] = math.log(vocab_size)  # exactly the uniform distribution's entropy
+    return grid
+
+
+def vanilla(vocab_size: int, entropies, *, seed: int = 0, method: str = "temperature",
+            dtype: torch.dtype | None = None, gd_steps: int = 500, gd_lr: float = 0.1,
+            gd_tol: float = 1e-3) -> Targets:
+    """Random targets at the requested entropies.
+
+    Target i starts from logits z_i ~ N(0, 1)^vocab drawn from a generator seeded with
+    derive_seed(seed, "vanilla", i): it depends on (seed, i) only, not on the other entries, and
+    both methods start from the same z_i.
+
+    Args:
+        vocab_size: the model's logits width (`logits_width(model)`); every row gets mass.
+        entropies: a float or sequence of T entropies, each in [0, ln vocab_size] nats.
+        seed: base seed.
+        method: "temperature": softmax(β z) with β solved per row (safeguarded Newton on log β)
+            to |H − h| ≤ 1e-10. "gradient" (the original study's construction): Adam gradient
+            descent on the logits, loss (H(softmax(z)) − h)², from z, for at most `gd_steps` steps
+            (rate `gd_lr`) or until |H − h| ≤ `gd_tol`; plain descent stalls short of 1e-6
+            (its gradient vanishes with H − h), so the result is then corrected exactly by the
+            temperature solver applied to the descended logits (a temperature within ~1e-3 of 1).
+            meta records `gd_steps_taken` and `gd_gap_nats` (|H − h| before the correction).
+        dtype: storage dtype; None = float32 when that keeps every realised entropy within 1e-6
+            of the request (always, so far measured: max error ~1e-8), else float64.
+
+    h = 0 gives the exact one-hot on argmax z_i, h = ln vocab_size the exact uniform distribution.
+    Returns: Targets, probs (T, vocab_size); meta target_id "vanilla-<method>-s<seed>-<i>", kind
+    "vanilla", method, requested_entropy_nats, seed, index.
+    """
+    vocab_size = _check_vocab(vocab_size)
+    if method not in VANILLA_METHODS:
+        raise TargetError(f"method={method!r} is not a vanilla method; use one of {VANILLA_METHODS}.")
+    h = _check_entropies(entropies, vocab_size)
+    z = torch.stack([_row_logits(seed, "vanilla", i, vocab_size) for i in range(len(h))])
+    meta = pd.DataFrame({
+        "target_id": [f"vanilla-{method}-s{seed}-{i}" for i in range(len(h))],
+        "kind": "vanilla", "method": method, "requested_entropy_nats": h.numpy(),
+        "seed": seed, "index": range(len(h))})
+    if method == "gradient":
+        z, steps, gap = _descend(z, h, steps=gd_steps, lr=gd_lr, tol=gd_tol)
+        meta["gd_steps_taken"], meta["gd_gap_nats"] = steps.numpy(), gap.numpy()
+    probs = _store(_temper(z, h), h, dtype)
+    return Targets(probs, meta)
+
+
+def _descend(z: Tensor, h: Tensor, *, steps: int, lr: float, tol: float):
+    """Adam on (H(softmax(z)) − h)² per row, analytic gradient, rows stopping at |H − h| ≤ tol.
+
+    ∂H/∂z = −p ⊙ (log p + H). The descent runs in float32 (it only has to get within `tol`; the
+    exact temperature correction that follows is float64). Rows whose h is 0 or ln n are left
+    alone (`_temper` makes them exact). Returns (descended z float64, steps taken per row,
+    |H − h| per row at the end).
+    """
+    n = z.shape[-1]
+    z = z.clone()
+    taken = torch.zeros(len(h), dtype=torch.long)
+    gap = torch.zeros(len(h), dtype=torch.float64)
+    todo = ((h > 0) & (h < math.log(n))).nonzero().flatten()
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    for chunk in _row_chunks(len(todo), n // 2):
+        rows = todo[chunk]  # rows still descending; finished ones are written back and dropped
+        zc, hc = z[rows].float(), h[rows].float()
+        m, v = torch.zeros_like(zc), torch.zeros_like(zc)
+        for t in range(1, steps + 2):
+            logp = torch.log_softmax(zc, dim=-1)
+            p = torch.exp(logp)
+            entropy = -(p * logp).sum(-1)
+            diff = entropy - hc
+            done = (diff.abs() <= tol) | (t > steps)
+            if done.any():
+                z[rows[done]] = zc[done].double()
+                taken[rows[done]] = t - 1
+                gap[rows[done]] = diff[done].abs().double()
+                keep = ~done
+                rows, zc, hc, m, v = rows[keep], zc[keep], hc[keep], m[keep], v[keep]
+                logp, p, entropy, diff = logp[keep], p[keep], entropy[keep], diff[keep]
+                if len(rows) == 0:
+                    break
+            grad = logp.add_(entropy.unsqueeze(-1)).mul_(p).mul_((-2.0 * diff).unsqueeze(-1))
+            m.mul_(beta1).add_(grad, alpha=1 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (v / (1 - beta2 ** t)).sqrt_().add_(eps)
+            zc.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
+    return z, taken, gap
+
+
+# --------------------------------------------------------------------------------------------
+# Outlier targets.
+# --------------------------------------------------------------------------------------------
+
+
+def _binary_entropy(m: float) -> float:
+    return -sum(x * math.log(x) for x in (m, 1.0 - m) if x > 0)
+
+
+def _outlier_entropy_range(vocab_size: int, k: int, m: float) -> tuple[float, float]:
+    """[min, max] total entropy reachable with k outliers of total mass m, nats.
+
+    H = H_b(m) + m ln k + (1 − m) H_rest with H_rest ∈ [0, ln(V − k)].
+    """
+    base = _binary_entropy(m) + (m * math.log(k) if m > 0 else 0.0)
+    return base, base + (1.0 - m) * math.log(vocab_size - k)
+
+
+def _bisect(f, lo: float, hi: float, iters: int = 100) -> float:
+    """The root of f on [lo, hi], f(lo) and f(hi) of opposite signs (f monotone there)."""
+    flo = f(lo)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if (f(mid) > 0) == (flo > 0):
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def feasible_masses(vocab_size: int, entropy: float, k: int) -> list[tuple[float, float]]:
+    """The intervals of outlier mass m ∈ [0, 1] for which outliers(vocab_size, entropy, k, m) exists.
+
+    Both ends of the entropy range, f_lo(m) = H_b(m) + m ln k and f_hi(m) = f_lo(m) + (1 − m) ln(V − k),
+    are concave in m; f_hi peaks at m = k/V (value ln V), f_lo at m = k/(k + 1) (value ln(k + 1)).
+    So {f_hi ≥ h} is one interval and {f_lo ≤ h} is [0, 1] minus at most one open interval: the
+    feasible set is at most two intervals, found by bisection on the monotone pieces.
+    """
+    h, V = float(entropy), vocab_size
+
+    def lo_f(m):
+        return _outlier_entropy_range(V, k, m)[0] - h
+
+    def hi_f(m):
+        return _outlier_entropy_range(V, k, m)[1] - h
+
+    peak = k / V
+    if hi_f(peak) < 0:
+        return []
+    a = 0.0 if hi_f(0.0) >= 0 else _bisect(hi_f, 0.0, peak)
+    b = 1.0 if hi_f(1.0) >= 0 else _bisect(hi_f, peak, 1.0)
+    top = k / (k + 1)
+    if lo_f(top) <= 0:  # f_lo never exceeds h
+        allowed = [(0.0, 1.0)]
+    else:
+        c = _bisect(lo_f, 0.0, top)  # f_lo(0) = 0 ≤ h always
+        allowed = [(0.0, c)] + ([(_bisect(lo_f, top, 1.0), 1.0)] if lo_f(1.0) <= 0 else [])
+    out = [(max(a, x), min(b, y)) for x, y in allowed]
+    return [(x, y) for x, y in out if x <= y]
+
+
+def outliers(vocab_size: int, entropy, k: int, mass: float, *, seed: int = 0,
+             tokens: Sequence[int] | None = None, dtype: torch.dtype | None = None) -> Targets:
+    """Targets in which k outlier tokens share total mass m and the rest is tempered to total entropy h.
+
+    Each outlier gets m/k. The other V − k tokens carry 1 − m as softmax(β z) of random logits
+    z ~ N(0, 1), with β solved so that H = H_b(m) + m ln k + (1 − m) H_rest equals h exactly
+    (|H − h| ≤ 1e-6 realised; the solver reaches 1e-10).
+
+    Args:
+        vocab_size: the model's logits width.
+        entropy: a float or a sequence of T entropies (nats); one target per entropy.
+        k: number of outlier tokens, 1 ≤ k < vocab_size.
+        mass: their total mass m ∈ [0, 1] (m = 1 needs h = ln k).
+        seed: target i draws its outlier tokens (unless given) and its z from
+            derive_seed(seed, "outlier", i): a function of (seed, i) only.
+        tokens: the k outlier token ids, the same for every target (default: random per target).
+        dtype: storage dtype, as in `vanilla`.
+
+    The outliers are not forced to be the top tokens: at high h with small m a tempered token can
+    outweigh m/k. meta column `outliers_on_top` says whether every outlier is at least as likely
+    as every other token.
+    Raises TargetError for an infeasible (h, k, m), stating the feasible range of m.
+    Returns: Targets with meta target_id "outlier-k<k>-m<m>-s<seed>-<i>", kind "outlier", k, mass,
+        requested_entropy_nats, seed, index, outlier_tokens (list of ids), outliers_on_top.
+    """
+    V = _check_vocab(vocab_size)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < V:
+        raise TargetError(f"k must be an int with 1 ≤ k < vocab_size={V}; got {k!r}.")
+    if not (isinstance(mass, (int, float)) and math.isfinite(mass) and 0.0 <= mass <= 1.0):
+        raise TargetError(f"mass must be a total probability in [0, 1]; got {mass!r}.")
+    m = float(mass)
+    h = _check_entropies(entropy, V, "entropy")
+    if tokens is not None:
+        tokens = [int(t) for t in tokens]
+        if len(tokens) != k or len(set(tokens)) != k or not all(0 <= t < V for t in tokens):
+            raise TargetError(f"tokens must be {k} distinct ids in [0, {V}); got {tokens[:10]}.")
+    base, top = _outlier_entropy_range(V, k, m)
+    slack = 1e-12 * max(1.0, top)
+    bad = (h < base - slack) | (h > top + slack)
+    if bad.any():
+        lines = []
+        for hv in sorted(set(h[bad].tolist()))[:5]:
+            ranges = feasible_masses(V, hv, k)
+            where = (" ∪ ".join(f"[{x:.6g}, {y:.6g}]" for x, y in ranges) if ranges
+                     else f"none (h must be ≤ ln {V} = {math.log(V):.6f})")
+            lines.append(f"h={hv:.6g}: m ∈ {where}")
+        raise TargetError(
+            f"outliers(k={k}, mass={m}) is infeasible for entropies {h[bad].tolist()[:5]}: with that mass "
+            f"the entropy must lie in [{base:.6g}, {top:.6g}] nats (H_b(m) + m ln k plus (1 − m)·[0, ln(V − k)]). "
+            "Feasible masses: " + "; ".join(lines) + ".")
+
+    n_rest = V - k
+    h_rest = ((h - base) / (1.0 - m)).clamp(0.0, math.log(n_rest)) if m < 1.0 else torch.zeros_like(h)
+    outlier_ids, rest_logits = [], torch.empty(len(h), n_rest, dtype=torch.float64)
+    for i in range(len(h)):
+        g = generator(derive_seed(seed, "outlier", i))
+        ids = torch.tensor(tokens) if tokens is not None else torch.randperm(V, generator=g)[:k]
+        rest_logits[i] = torch.randn(n_rest, generator=g, dtype=torch.float64)
+        outlier_ids.append(sorted(ids.tolist()))
+    rest_probs = _temper(rest_logits, h_rest)  # (T, V − k), all rows solved together
+    del rest_logits
+    probs = torch.empty(len(h), V, dtype=torch.float64)
+    for i, ids in enumerate(outlier_ids):
+        rest = torch.ones(V, dtype=torch.bool)
+        rest[ids] = False
+        probs[i, ids] = m / k
+        probs[i, rest] = (1.0 - m) * rest_probs[i]
+    on_top = [bool(probs[i, ids].min() >= probs[i].max() - 1e-15 or m / k >= probs[i].max())
+              for i, ids in enumerate(outlier_ids)]
+    meta = pd.DataFrame({
+        "target_id": [f"outlier-k{k}-m{m:g}-s{seed}-{i}" for i in range(len(h))],
+        "kind": "outlier", "k": k, "mass": m, "requested_entropy_nats": h.numpy(), "seed": seed,
+        "index": range(len(h)), "outlier_tokens": outlier_ids, "outliers_on_top": on_top})
+    return Targets(_store(probs, h, dtype), meta)
+
+
+# --------------------------------------------------------------------------------------------
+# LM-generated and reference targets.
+# --------------------------------------------------------------------------------------------
+
+
+def _source_name(model) -> str | None:
+    return (getattr(model, "dplib_source", None) or {}).get("name")
+
+
+def _prefix_ids(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before any text by default (e.g. Gemma's <bos>; none for SmolLM2)."""
+    with_special = tokenizer("a")["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return list(with_special[:len(with_special) - len(plain)]) if with_special[-len(plain):] == plain else []
+
+
+@torch.no_grad()
+def next_token_probs(model, sequences: Sequence[Sequence[int]], *, batch_size: int = 16) -> Tensor:
+    """The model's next-token distribution after each token sequence; (n, logits width) float32.
+
+    Sequences of different lengths are left-padded in batches of `batch_size`, with an attention
+    mask and explicit position ids (cumulative count of real tokens), so padding changes neither
+    the tokens attended to nor their positions: each row equals its unpadded forward pass up to
+    float rounding (tested). Only the last position reaches the LM head.
+    """
+    from .optim.common import body, output_layer
+
+    if any(len(s) == 0 for s in sequences):
+        raise TargetError("a context is empty; every context needs at least one token (e.g. the BOS token).")
+    device = next(model.parameters()).device
+    head = output_layer(model)
+    pad = int(getattr(model.config, "pad_token_id", None) or 0)
+    out = torch.empty(len(sequences), logits_width(model), dtype=torch.float32)
+    for start in range(0, len(sequences), batch_size):
+        batch = [list(map(int, s)) for s in sequences[start:start + batch_size]]
+        width = max(map(len, batch))
+        ids = torch.tensor([[pad] * (width - len(s)) + s for s in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in batch], device=device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = body(model)(input_ids=ids, attention_mask=mask, position_ids=positions,
+                             use_cache=False).last_hidden_state[:, -1, :].contiguous()
+        logprobs = torch.log_softmax(head.logits(hidden), dim=-1).double()
+        probs = torch.exp(logprobs)
+        out[start:start + len(batch)] = (probs / probs.sum(-1, keepdim=True)).float().cpu()
+    return out
+
+
+def _corpus_documents(corpus) -> tuple[list[str], list[str]]:
+    """(names, texts) of the corpus: None → pydoc_data.topics; a path → that file; a list → its strings."""
+    if corpus is None:
+        from pydoc_data.topics import topics  # Python's own documentation, shipped with the stdlib
+
+        names = sorted(topics)
+        return names, [topics[n] for n in names]
+    if isinstance(corpus, (str, os.PathLike)):
+        path = Path(corpus).expanduser()
+        if not path.is_file():
+            raise TargetError(f"corpus {str(corpus)!r} is not a file; pass a path to a UTF-8 text file, "
+                              "or a list of strings for literal text.")
+        return [path.name], [path.read_text(encoding="utf-8")]
+    texts = list(corpus)
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise TargetError("corpus must be None (Python's docs), a path to a text file, or a non-empty list of strings.")
+    return [f"doc{i}" for i in range(len(texts))], texts
+
+
+def from_model(model, tokenizer, n: int, *, corpus=None, seed: int = 0, sample: bool = False,
+               context_tokens: tuple[int, int] = (8, 64), batch_size: int = 16) -> Targets:
+    """The source model's next-token distributions at n seeded positions of a corpus.
+
+    Args:
+        model, tokenizer: the source LM (its logits width is the targets' width).
+        n: number of targets.
+        corpus: None for the English prose of Python's documentation (`pydoc_data.topics`, read at
+            run time), a path to a UTF-8 text file, or a list of strings.
+        seed: target i's context length and position come from derive_seed(seed, "lm", i), so
+            they depend on (seed, i) only; with `sample=True` the text is sampled with
+            derive_seed(seed, "lm-sample").
+        sample: contexts are text sampled from the model itself (special tokens and padding rows
+            excluded), starting from the tokenizer's default prefix or its BOS/EOS token.
+        context_tokens: (min, max) context length in tokens, both inclusive, drawn uniformly.
+        batch_size: contexts per forward pass.
+
+    A context is a window of the tokenised document preceded by the tokenizer's default prefix
+    (Gemma's <bos>; nothing for SmolLM2); the target is the model's distribution for the token
+    that follows it (the document's real next token is recorded as `next_token_id`). Padding rows
+    beyond len(tokenizer) keep whatever mass the model gives them: these are the model's own
+    distributions, so a zero-KL prompt exists.
+    Returns: Targets (float32) with meta target_id "lm-<source>-s<seed>-<i>", kind "lm",
+        source_model, context (text), context_ids (the exact ids fed, prefix included), position
+        (index of the predicted token in its document; in the sample for sample=True), document,
+        next_token_id, seed, index.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise TargetError(f"n must be a positive int, got {n!r}.")
+    lo, hi = (int(x) for x in context_tokens)
+    if not 1 <= lo <= hi:
+        raise TargetError(f"context_tokens must be (min, max) with 1 ≤ min ≤ max; got {context_tokens!r}.")
+    prefix = _prefix_ids(tokenizer)
+    lengths = [lo + int(torch.randint(hi - lo + 1, (1,), generator=generator(derive_seed(seed, "lm", i))))
+               for i in range(n)]
+    if sample:
+        prefix, docs = _sampled_documents(model, tokenizer, n, max(lengths) + 1, seed, prefix)
+        doc_names, picks = [f"sample{i}" for i in range(n)], [(i, 0) for i in range(n)]
+    else:
+        doc_names, texts = _corpus_documents(corpus)
+        docs = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        picks = [_pick_window(docs, length, derive_seed(seed, "lm", i, "position"))
+                 for i, length in enumerate(lengths)]
+    contexts, rows = [], []
+    for (d, start), length in zip(picks, lengths, strict=True):
+        window = docs[d][start:start + length]
+        contexts.append(prefix + window)
+        rows.append({"context": tokenizer.decode(window), "position": start + length,
+                     "document": doc_names[d], "next_token_id": docs[d][start + length]})
+    probs = next_token_probs(model, contexts, batch_size=batch_size)
+    source = _source_name(model) or "model"
+    meta = pd.DataFrame(rows)
+    meta.insert(0, "target_id", [f"lm-{source}{'-sampled' if sample else ''}-s{seed}-{i}" for i in range(n)])
+    meta.insert(1, "kind", "lm")
+    meta.insert(2, "source_model", _source_name(model))
+    meta["context_ids"] = [list(c) for c in contexts]
+    meta["sampled"], meta["seed"], meta["index"] = sample, seed, range(n)
+    return Targets(probs, meta)
+
+
+def _pick_window(docs: list[list[int]], length: int, seed: int) -> tuple[int, int]:
+    """(document, start) of a window of `length` tokens followed by a real next token, uniform over the corpus."""
+    counts = torch.tensor([max(0, len(d) - length) for d in docs], dtype=torch.long)
+    total = int(counts.sum())
+    if total == 0:
+        raise TargetError(f"no document of the corpus has more than {length} tokens; pass a longer corpus "
+                          "or a smaller context_tokens.")
+    r = int(torch.randint(total, (1,), generator=generator(seed)))
+    d = int(torch.searchsorted(counts.cumsum(0), torch.tensor(r), right=True))
+    return d, r - int(counts[:d].sum())
+
+
+@torch.no_grad()
+def _sampled_documents(model, tokenizer, n: int, length: int, seed: int, prefix: list[int]):
+    """(start ids, n sequences of `length` tokens sampled from the model after them); KV-cached.
+
+    The start is the tokenizer's default prefix, else its BOS token, else its EOS token.
+    """
+    from .optim.common import allowed_tokens
+
+    start = prefix or [t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id) if t is not None][:1]
+    if not start:
+        raise TargetError("sample=True needs a start token: the tokenizer has no BOS or EOS token.")
+    device = next(model.parameters()).device
+    allowed = allowed_tokens(tokenizer, logits_width(model)).to(device)
+    g = generator(derive_seed(seed, "lm-sample"))
+    ids, past, sampled = torch.tensor([start] * n, device=device), None, []
+    for _ in range(length):
+        out = model(input_ids=ids, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        logits = out.logits[:, -1, :].float().masked_fill(~allowed, -math.inf)
+        ids = torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=g).to(device)
+        sampled.append(ids)
+    return start, torch.cat(sampled, dim=1).cpu().tolist()
+
+
+def reference(model, tokenizer, contexts: Sequence[str] | Sequence[Sequence[int]], *,
+              batch_size: int = 16) -> Targets:
+    """The model's own next-token distribution after each context: a zero-KL hard prompt exists.
+
+    Args:
+        contexts: strings (encoded with the tokenizer's default special tokens, e.g. Gemma's <bos>)
+            or lists of token ids (used as they are).
+    Returns: Targets (float32) with meta target_id "reference-<i>-<hash>", kind "reference",
+        source_model, context (text), context_ids (the exact ids fed).
+    """
+    contexts = list(contexts)
+    if not contexts:
+        raise TargetError("contexts is empty; pass a list of strings or of token-id lists.")
+    if all(isinstance(c, str) for c in contexts):
+        ids = [tokenizer(c)["input_ids"] for c in contexts]
+    elif all(isinstance(c, (list, tuple, Tensor)) for c in contexts):
+        ids = [[int(t) for t in c] for c in contexts]
+    else:
+        raise TargetError("contexts must be all strings or all lists of token ids.")
+    width = logits_width(model)
+    for c in ids:
+        if any(not 0 <= t < width for t in c):
+            raise TargetError(f"context ids {c[:10]} fall outside [0, {width}).")
+    probs = next_token_probs(model, ids, batch_size=batch_size)
+    digest = [hashlib.sha256(json.dumps(c).encode()).hexdigest()[:8] for c in ids]
+    meta = pd.DataFrame({
+        "target_id": [f"reference-{i}-{d}" for i, d in enumerate(digest)], "kind": "reference",
+        "source_model": _source_name(model), "context": [tokenizer.decode(c) for c in ids],
+        "context_ids": ids})
+    return Targets(probs, meta)
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-tokenizer mapping.
+# --------------------------------------------------------------------------------------------
+
+MAP_METHODS = ("first_token", "exact")
+_MAP_FORMAT = 1  # bump when the way maps are built changes: old disk entries are then ignored
+_MAPS: dict[str, VocabMap] = {}  # in-memory cache, keyed like the disk cache
+
+
+@dataclass(frozen=True)
+class VocabMap:
+    """A string-level map from a source vocabulary to a target vocabulary.
+
+    It is the sparse (source_width, target_vocab_size) 0/1 matrix with at most one 1 per row,
+    stored as `dest`: (source_width,) int64, the target id that source token v's mass goes to,
+    or −1 where the mass is lost (special tokens, padding rows, empty or partial-UTF-8 strings,
+    strings whose target token is special; with "exact", strings that are not one target token).
+    """
+
+    dest: Tensor
+    target_vocab_size: int
+    method: str
+    key: str
+
+    @property
+    def source_width(self) -> int:
+        return int(self.dest.shape[0])
+
+    def matrix(self) -> Tensor:
+        """The map as a sparse COO (source_width, target_vocab_size) float64 tensor."""
+        rows = (self.dest >= 0).nonzero().flatten()
+        return torch.sparse_coo_tensor(torch.stack([rows, self.dest[rows]]),
+                                       torch.ones(len(rows), dtype=torch.float64),
+                                       (self.source_width, self.target_vocab_size),
+                                       check_invariants=True).coalesce()
+
+    def apply(self, probs: Tensor) -> tuple[Tensor, Tensor]:
+        """(T, source_width) probabilities → ((T, target_vocab_size) float64 mapped mass, (T,) mass lost)."""
+        kept = self.dest >= 0
+        mapped = torch.zeros(len(probs), self.target_vocab_size, dtype=torch.float64)
+        mapped.index_add_(1, self.dest[kept], probs[:, kept].double().cpu())
+        return mapped, (1.0 - mapped.sum(-1)).clamp(0.0, 1.0)
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of everything that decides how the tokenizer decodes and encodes (memoised on it)."""
+    memo = getattr(tokenizer, "_dplib_fingerprint", None)
+    if memo is not None and memo[0] == len(tokenizer):
+        return memo[1]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # the full tokenizer.json: vocab, merges, normaliser, decoder, added tokens
+        text = backend.to_str()
+    else:
+        text = json.dumps(sorted(tokenizer.get_vocab().items()))
+    specials = sorted(_special_ids(tokenizer))
+    digest = hashlib.sha256((type(tokenizer).__name__ + text + json.dumps(specials)).encode()).hexdigest()
+    try:
+        tokenizer._dplib_fingerprint = (len(tokenizer), digest)
+    except AttributeError:  # some tokenizer wrappers refuse new attributes; then we just recompute
+        pass
+    return digest
+
+
+def _special_ids(tokenizer) -> set[int]:
+    ids = set(tokenizer.all_special_ids)
+    ids |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special}
+    return ids
+
+
+def vocab_map(source_tokenizer, target_tokenizer, *, source_width: int, target_vocab_size: int,
+              method: str = "first_token") -> VocabMap:
+    """The (cached) string-level map from a source vocabulary of width `source_width` to a target one.
+
+    Each source token v < len(source_tokenizer) is decoded alone to its string; the strings are
+    encoded by the target tokenizer in one batched call, without special tokens; "first_token"
+    sends v's mass to the first resulting token, "exact" only where the string is exactly one
+    target token. Lost (dest −1): special tokens, padding rows ≥ len(source_tokenizer), empty
+    strings, strings with U+FFFD (a byte-level token that is only part of a UTF-8 character
+    decodes to the replacement character, which says nothing about the bytes: its mass is lost
+    rather than sent to the target's "�"), and strings whose target token is special or
+    ≥ target_vocab_size.
+
+    Cached in memory and on disk under `cache_dir()/vocab_maps/<key>.npy` (written atomically),
+    keyed by a hash of both tokenizers (their full tokenizer.json), the method and both widths.
+    """
+    if method not in MAP_METHODS:
+        raise TargetError(f"method={method!r} is not a mapping method; use one of {MAP_METHODS}.")
+    from .models import cache_dir
+
+    key = hashlib.sha256("|".join(map(str, [
+        _tokenizer_fingerprint(source_tokenizer), _tokenizer_fingerprint(target_tokenizer), method,
+        source_width, target_vocab_size, _MAP_FORMAT])).encode()).hexdigest()[:32]
+    if key in _MAPS:
+        return _MAPS[key]
+    path = cache_dir() / "vocab_maps" / f"{key}.npy"
+    dest = None
+    if path.is_file():
+        try:
+            dest = torch.from_numpy(np.load(path)).long()
+            if dest.shape != (source_width,):
+                dest = None
+        except (OSError, ValueError):
+            dest = None
+        if dest is None:
+            log.warning("vocab map cache entry %s is unreadable; rebuilding it", path)
+    if dest is None:
+        dest = _build_dest(source_tokenizer, target_tokenizer, source_width, target_vocab_size, method)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{key}.", suffix=".npy", delete=False) as f:
+            np.save(f, dest.numpy().astype(np.int32))
+        os.replace(f.name, path)  # atomic: readers see no file or a complete one
+    _MAPS[key] = VocabMap(dest, target_vocab_size, method, key)
+    return _MAPS[key]
+
+
+def _build_dest(source_tokenizer, target_tokenizer, source_width: int, target_vocab_size: int,
+                method: str) -> Tensor:
+    n = min(len(source_tokenizer), source_width)
+    strings = source_tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False,
+                                            clean_up_tokenization_spaces=False)
+    src_special = _special_ids(source_tokenizer)
+    usable = [i for i, s in enumerate(strings) if s and "\ufffd" not in s and i not in src_special]
+    encoded = target_tokenizer([strings[i] for i in usable], add_special_tokens=False)["input_ids"]
+    tgt_special = _special_ids(target_tokenizer)
+    dest = torch.full((source_width,), -1, dtype=torch.long)
+    for i, ids in zip(usable, encoded, strict=True):
+        if not ids or (method == "exact" and len(ids) != 1):
+            continue
+        t = ids[0]
+        if t not in tgt_special and 0 <= t < target_vocab_size:
+            dest[i] = t
+    log.info("vocab map (%s): %d of %d source tokens placed", method, int((dest >= 0).sum()), source_width)
+    return dest
+
+
+def map_vocab(targets: Targets, source_tokenizer, target_tokenizer, target_vocab_size: int,
+              method: str = "first_token") -> Targets:
+    """Move targets from a source vocabulary onto a target model's vocabulary, at string level.
+
+    See `vocab_map` for how each source token is placed. Mass that cannot be placed is recorded
+    per target as `mass_lost` (in [0, 1]) and the rest is renormalised to sum to 1.
+
+    Args:
+        targets: (T, source width) Targets over the source tokenizer's vocabulary.
+        target_vocab_size: the target model's logits width (`logits_width(target_model)`).
+        method: "first_token" or "exact".
+    Returns: Targets (T, target_vocab_size), same dtype; meta keeps every source column (kind
+        included) with target_id "mapped-<source id>", plus mapped=True, map_method, mass_lost,
+        source_target_id, source_vocab_size; `context_ids` (source-tokenizer ids) is renamed
+        `source_context_ids`.
+    Raises TargetError when a target loses all of its mass.
+    """
+    if not isinstance(targets, Targets):
+        raise TargetError(f"targets must be a Targets batch, got {type(targets).__name__}.")
+    target_vocab_size = _check_vocab(target_vocab_size)
+    if len(target_tokenizer) > target_vocab_size:
+        raise TargetError(f"target_vocab_size={target_vocab_size} is smaller than the target tokenizer "
+                          f"({len(target_tokenizer)} tokens); pass logits_width(target_model).")
+    vmap = vocab_map(source_tokenizer, target_tokenizer, source_width=targets.vocab_size,
+                     target_vocab_size=target_vocab_size, method=method)
+    mapped, lost = vmap.apply(targets.probs)
+    empty = lost >= 1.0 - 1e-12
+    if empty.any():
+        raise TargetError(f"targets {targets.meta['target_id'][empty.numpy()].tolist()[:5]} lose all their mass "
+                          f"in the mapping ({method}): they sit on special tokens or on strings the target "
+                          "tokenizer cannot place; try method='first_token' or drop them.")
+    probs = (mapped / mapped.sum(-1, keepdim=True)).to(targets.probs.dtype)
+    meta = targets.meta.copy()
+    meta.insert(0, "source_target_id", meta.pop("target_id"))
+    meta.insert(0, "target_id", ["mapped-" + t for t in meta["source_target_id"]])
+    if "context_ids" in meta:
+        meta = meta.rename(columns={"context_ids": "source_context_ids"})
+    meta["mapped"], meta["map_method"] = True, method
+    meta["mass_lost"], meta["source_vocab_size"] = lost.numpy(), targets.vocab_size
+    return Targets(probs, meta)

@@ -1,0 +1,472 @@
+"""dplib.targets: validation, every sampler's contract, and the cross-tokenizer mapping."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dplib import targets as T
+from dplib.optim.common import embed, next_token_logprobs
+from dplib.targets import TargetError, Targets, logits_width
+
+WIDTHS = [49_152, 262_144]  # the embedded models' vocabularies
+TOL = 1e-6  # the entropy contract, nats
+
+
+def requested(t: Targets) -> torch.Tensor:
+    return torch.tensor(t.meta["requested_entropy_nats"].to_numpy(), dtype=torch.float64)
+
+
+def assert_valid(t: Targets, width: int):
+    assert t.probs.shape[1] == width
+    assert torch.isfinite(t.probs).all() and (t.probs >= 0).all()
+    assert (t.probs.double().sum(-1) - 1).abs().max() < 1e-5
+    assert t.meta["target_id"].is_unique
+
+
+# --------------------------------------------------------------------------------------------
+# Validation and the Targets type
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad, match", [
+    (torch.tensor([[0.5, float("nan")]]), "NaN or inf"),
+    (torch.tensor([[0.5, float("inf")]]), "NaN or inf"),
+    (torch.tensor([[1.5, -0.5]]), "negative"),
+    (torch.tensor([[0.5, 0.4]]), "do not sum to 1"),
+    (torch.tensor([0.5, 0.5]), "2-D"),
+    (torch.zeros(0, 3), "shape"),
+    (torch.tensor([[1, 0]]), "floating-point"),
+    ([[0.5, 0.5]], "torch.Tensor"),
+])
+def test_validation_errors(bad, match):
+    with pytest.raises(TargetError, match=match):
+        T.validate_probs(bad)
+    with pytest.raises(TargetError, match=match):
+        Targets.from_probs(bad)
+
+
+def test_renormalize_warns_and_fixes():
+    with pytest.warns(UserWarning, match="renormalising"):
+        t = Targets.from_probs(torch.tensor([[0.5, 0.4], [0.3, 0.7]]), renormalize=True)
+    assert torch.allclose(t.probs.sum(-1), torch.ones(2))
+    with pytest.raises(TargetError, match="zero total mass"):
+        T.validate_probs(torch.zeros(1, 3), renormalize=True)
+
+
+def test_width_check(tiny):
+    model, _ = tiny
+    width = logits_width(model)
+    assert width == 384
+    Targets.from_probs(torch.full((1, width), 1 / width)).check_width(model)
+    with pytest.raises(TargetError, match="logits width is 384"):
+        Targets.from_probs(torch.full((1, 380), 1 / 380)).check_width(model)
+
+
+def test_targets_container():
+    t = T.vanilla(100, [0.0, 1.0, 2.0])
+    assert len(t) == 3 and t.vocab_size == 100 and t.ids == t.meta["target_id"].tolist()
+    sub = t[[2, 0]]
+    assert sub.ids == [t.ids[2], t.ids[0]] and torch.equal(sub.probs[0], t.probs[2])
+    assert t[1].ids == [t.ids[1]] and len(t[torch.tensor([True, False, True])]) == 2 and len(t[:2]) == 2
+    both = Targets.concat([t, T.vanilla(100, [3.0], seed=1)])
+    assert len(both) == 4
+    frame = t.frame()
+    assert {"target_id", "kind", "entropy_nats"} <= set(frame.columns)
+    with pytest.raises(TargetError, match="unique"):
+        Targets.concat([t, t])
+    with pytest.raises(TargetError, match="different vocabulary widths"):
+        Targets.concat([t, T.vanilla(50, [1.0])])
+    with pytest.raises(TargetError, match="meta has"):
+        Targets(t.probs, t.meta.iloc[:2])
+
+
+# --------------------------------------------------------------------------------------------
+# Vanilla targets
+# --------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=4, deadline=None)
+@given(st.sampled_from(WIDTHS), st.sampled_from(T.VANILLA_METHODS),
+       st.lists(st.floats(0.0, 1.0), min_size=1, max_size=2), st.integers(0, 1000))
+def test_vanilla_hits_entropy(width, method, fractions, seed):
+    h = [f * math.log(width) for f in fractions]
+    t = T.vanilla(width, h, seed=seed, method=method, gd_steps=100)  # the correction makes any budget exact
+    assert_valid(t, width)
+    assert (t.entropy - torch.tensor(h, dtype=torch.float64)).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("method", T.VANILLA_METHODS)
+def test_vanilla_whole_range_including_ends(width, method):
+    h = T.entropy_grid(width, 5)
+    t = T.vanilla(width, h, method=method, seed=3)
+    assert_valid(t, width)
+    assert (t.entropy - h).abs().max() <= TOL
+    # the ends are exact: one-hot on argmax z, and uniform
+    z0 = T._row_logits(3, "vanilla", 0, width)
+    assert t.probs[0].max() == 1.0 and int(t.probs[0].argmax()) == int(z0.argmax())
+    assert (t.probs[-1] == t.probs[-1][0]).all()  # float32 1/V: its entropy is ln V within TOL
+
+
+def test_vanilla_near_the_ends():
+    width = 49_152
+    h = torch.tensor([1e-9, 1e-5, math.log(width) - 1e-9, math.log(width) - 1e-5], dtype=torch.float64)
+    assert (T.vanilla(width, h).entropy - h).abs().max() <= TOL
+    # plain descent cannot get near 0 (its gradient vanishes): the exact correction finishes it
+    short = T.vanilla(width, h, method="gradient", gd_steps=30)
+    assert (short.entropy - h).abs().max() <= TOL and short.meta["gd_gap_nats"].iloc[0] > 1e-3
+
+
+def test_vanilla_row_depends_only_on_seed_and_index():
+    a = T.vanilla(1000, [1.0, 2.5, 4.0], seed=5)
+    b = T.vanilla(1000, [6.0, 2.5], seed=5)
+    assert torch.equal(a.probs[1], b.probs[1])
+    assert torch.equal(a.probs, T.vanilla(1000, [1.0, 2.5, 4.0], seed=5).probs)
+    assert not torch.equal(a.probs, T.vanilla(1000, [1.0, 2.5, 4.0], seed=6).probs)
+    g = T.vanilla(1000, [2.5, 2.5], seed=5, method="gradient")
+    assert torch.equal(g.probs[1], T.vanilla(1000, [0.3, 2.5], seed=5, method="gradient").probs[1])
+
+
+def test_vanilla_methods_share_z_but_differ_in_shape():
+    width = 5000
+    temp = T.vanilla(width, [3.0], seed=2)
+    grad = T.vanilla(width, [3.0], seed=2, method="gradient")
+    assert not torch.allclose(temp.probs, grad.probs, atol=1e-4)
+    assert int(temp.probs.argmax()) == int(grad.probs.argmax())  # same z: the same token leads
+    assert grad.meta["gd_steps_taken"].iloc[0] > 0
+    assert grad.meta["gd_gap_nats"].iloc[0] <= 1e-3
+
+
+def test_vanilla_meta_and_dtype():
+    t = T.vanilla(300, [0.5, 1.5], seed=4, method="gradient")
+    assert t.ids == ["vanilla-gradient-s4-0", "vanilla-gradient-s4-1"]
+    assert (t.meta["kind"] == "vanilla").all() and (t.meta["method"] == "gradient").all()
+    assert t.meta["requested_entropy_nats"].tolist() == [0.5, 1.5]
+    assert t.meta["seed"].tolist() == [4, 4] and t.meta["index"].tolist() == [0, 1]
+    assert t.probs.dtype == torch.float32  # float32 keeps every realised entropy within 1e-6
+    t64 = T.vanilla(300, [0.5, 1.5], seed=4, dtype=torch.float64)
+    assert t64.probs.dtype == torch.float64 and (t64.entropy - requested(t64)).abs().max() < 1e-9
+    assert T.vanilla(300, 1.0).probs.shape == (1, 300)  # a scalar entropy is accepted
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(vocab_size=100, entropies=[-0.1]), r"outside \[0, ln 100\]"),
+    (dict(vocab_size=100, entropies=[4.7]), r"outside \[0, ln 100\]"),
+    (dict(vocab_size=100, entropies=[float("nan")]), "outside"),
+    (dict(vocab_size=100, entropies=[]), "empty"),
+    (dict(vocab_size=100, entropies=[1.0], method="softmax"), "not a vanilla method"),
+    (dict(vocab_size=1, entropies=[0.0]), "vocab_size"),
+    (dict(vocab_size=100.0, entropies=[1.0]), "vocab_size"),
+])
+def test_vanilla_errors(kwargs, match):
+    with pytest.raises(TargetError, match=match):
+        T.vanilla(**kwargs)
+
+
+def test_entropy_grid():
+    g = T.entropy_grid(49_152, 7)
+    assert g.dtype == torch.float64 and len(g) == 7
+    assert g[0] == 0.0 and g[-1] == math.log(49_152)
+    assert torch.allclose(g.diff(), torch.full((6,), math.log(49_152) / 6, dtype=torch.float64))
+    assert T.entropy_grid(10, 1).tolist() == [0.0]
+    with pytest.raises(TargetError, match="positive int"):
+        T.entropy_grid(10, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Outlier targets
+# --------------------------------------------------------------------------------------------
+
+
+@st.composite
+def outlier_cases(draw):
+    width = draw(st.sampled_from(WIDTHS))
+    k = draw(st.integers(1, 20))
+    m = draw(st.floats(0.01, 0.99))
+    lo, hi = T._outlier_entropy_range(width, k, m)
+    h = [lo + draw(st.floats(0.0, 1.0)) * (hi - lo) for _ in range(draw(st.integers(1, 2)))]
+    return width, k, m, h, draw(st.integers(0, 1000))
+
+
+@settings(max_examples=5, deadline=None)
+@given(outlier_cases())
+def test_outliers_mass_and_entropy_exact(case):
+    width, k, m, h, seed = case
+    t = T.outliers(width, h, k, m, seed=seed)
+    assert_valid(t, width)
+    assert (t.entropy - torch.tensor(h, dtype=torch.float64)).abs().max() <= TOL
+    for i, ids in enumerate(t.meta["outlier_tokens"]):
+        assert len(set(ids)) == k
+        assert t.probs[i, ids].double().sum().item() == pytest.approx(m, abs=1e-6)
+        assert torch.allclose(t.probs[i, ids].double(), torch.full((k,), m / k, dtype=torch.float64), rtol=1e-6)
+
+
+def test_outliers_meta_tokens_and_edge_masses():
+    width = 2000
+    t = T.outliers(width, 3.0, 4, 0.6, seed=1, tokens=[5, 6, 7, 8])
+    assert t.meta["outlier_tokens"].iloc[0] == [5, 6, 7, 8]
+    assert t.ids == ["outlier-k4-m0.6-s1-0"]
+    row = t.meta.iloc[0]
+    assert row["kind"] == "outlier" and row["k"] == 4 and row["mass"] == 0.6 and row["seed"] == 1
+    assert bool(row["outliers_on_top"]) == bool(t.probs[0, [5, 6, 7, 8]].min() >= t.probs[0].max())
+    one = T.outliers(width, math.log(3), 3, 1.0)  # all mass on the outliers: uniform over them
+    assert one.entropy.item() == pytest.approx(math.log(3), abs=1e-7) and (one.probs > 0).sum() == 3
+    assert T.outliers(width, 0.0, 1, 1.0, tokens=[9]).probs[0, 9] == 1.0
+    # outliers of mass k/V at ln V: the uniform distribution
+    flat = T.outliers(width, math.log(width), 2, 2 / width)
+    assert flat.probs.max() - flat.probs.min() < 1e-9
+    assert torch.equal(T.outliers(width, [2.0, 3.0], 3, 0.5, seed=2).probs[1],
+                       T.outliers(width, [5.0, 3.0], 3, 0.5, seed=2).probs[1])
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_outliers_infeasible_states_range(width):
+    k, m, h = 3, 0.5, 8.0  # 8 nats cannot be reached when half the mass sits on 3 tokens
+    ranges = T.feasible_masses(width, h, k)
+    assert len(ranges) == 1
+    with pytest.raises(TargetError, match="infeasible") as err:
+        T.outliers(width, [2.0, h], k, m)
+    lo, hi = ranges[0]
+    assert f"[{lo:.6g}, {hi:.6g}]" in str(err.value)
+    mid = 0.5 * (lo + hi)  # a mass from the stated range works
+    assert T.outliers(width, h, k, mid).entropy.item() == pytest.approx(h, abs=TOL)
+    with pytest.raises(TargetError, match=r"m ∈ \[0, 0.1997.*\] ∪ \[0.8002.*, 0.967"):  # two intervals
+        T.outliers(49_152, 0.5, 1, 0.5)
+
+
+@pytest.mark.parametrize("width, h, k", [(1000, 0.5, 1), (1000, 3.0, 5), (49_152, 10.5, 2), (1000, 1.5, 50)])
+def test_feasible_masses_match_brute_force(width, h, k):
+    grid = np.linspace(0, 1, 20001)
+    ok = np.array([lo - 1e-12 <= h <= hi + 1e-12
+                   for lo, hi in (T._outlier_entropy_range(width, k, m) for m in grid)])
+    ranges = T.feasible_masses(width, h, k)
+    inside = np.zeros_like(ok)
+    for lo, hi in ranges:
+        inside |= (grid >= lo - 1e-9) & (grid <= hi + 1e-9)
+    assert (ok == inside).mean() > 0.9995  # disagreement only at the grid cells holding an end point
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(k=0, mass=0.5), "1 ≤ k"),
+    (dict(k=100, mass=0.5), "1 ≤ k"),
+    (dict(k=2, mass=1.5), r"mass must be .* \[0, 1\]"),
+    (dict(k=2, mass=float("nan")), "mass must be"),
+    (dict(k=2, mass=0.5, tokens=[1, 1]), "distinct"),
+    (dict(k=2, mass=0.5, tokens=[1, 100]), "distinct ids in"),
+    (dict(k=2, mass=0.9, entropy=10.0), r"outside \[0, ln 100\]"),
+    (dict(k=1, mass=0.999, entropy=4.0), "infeasible"),
+])
+def test_outliers_errors(kwargs, match):
+    kwargs = {"entropy": 2.0, **kwargs}
+    with pytest.raises(TargetError, match=match):
+        T.outliers(100, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# LM-generated and reference targets
+# --------------------------------------------------------------------------------------------
+
+
+def test_from_model_reproducible_and_meta(tiny):
+    model, tok = tiny
+    a = T.from_model(model, tok, 5, seed=3)
+    assert_valid(a, 384)
+    assert torch.equal(a.probs, T.from_model(model, tok, 5, seed=3).probs)
+    assert a.meta.drop(columns=["context_ids"]).equals(T.from_model(model, tok, 5, seed=3).meta.drop(columns=["context_ids"]))
+    assert not torch.equal(a.probs, T.from_model(model, tok, 5, seed=4).probs)
+    first3 = T.from_model(model, tok, 3, seed=3)  # target i depends on (seed, i) only
+    assert first3.meta["context_ids"].tolist() == a.meta["context_ids"].tolist()[:3]
+    assert (first3.probs - a.probs[:3]).abs().max() < 1e-5  # batch padding differs: float rounding
+    row = a.meta.iloc[0]
+    assert row["kind"] == "lm" and row["source_model"] == "tiny-llama-380" and row["target_id"] == "lm-tiny-llama-380-s3-0"
+    assert 8 <= len(row["context_ids"]) <= 64 and row["context"] == tok.decode(row["context_ids"])
+    from pydoc_data.topics import topics
+    doc = tok(topics[row["document"]], add_special_tokens=False)["input_ids"]
+    pos = row["position"]
+    assert doc[pos - len(row["context_ids"]):pos] == row["context_ids"] and doc[pos] == row["next_token_id"]
+
+
+@pytest.mark.parametrize("fixture", ["tiny", "tiny_gemma"])
+def test_from_model_padding_invariant(fixture, request):
+    model, tok = request.getfixturevalue(fixture)
+    batched = T.from_model(model, tok, 6, seed=1, context_tokens=(2, 30), batch_size=6)
+    assert len({len(c) for c in batched.meta["context_ids"]}) > 1  # the batch really is padded
+    alone = T.from_model(model, tok, 6, seed=1, context_tokens=(2, 30), batch_size=1)
+    assert (batched.probs - alone.probs).abs().max() < 1e-5
+    # and each equals the plain unpadded forward pass through the optimisers' code path
+    ids = torch.tensor([batched.meta["context_ids"].iloc[2]])
+    direct = next_token_logprobs(model, embed(model, ids)).exp()
+    assert (direct[0] - batched.probs[2]).abs().max() < 1e-5
+
+
+def test_from_model_corpora(tiny, tmp_path):
+    model, tok = tiny
+    texts = ["The quick brown fox jumps over the lazy dog. " * 5, "Pack my box with five dozen liquor jugs. " * 5]
+    listed = T.from_model(model, tok, 3, corpus=texts, seed=0, context_tokens=(4, 8))
+    assert set(listed.meta["document"]) <= {"doc0", "doc1"}
+    path = tmp_path / "corpus.txt"
+    path.write_text(texts[0])
+    filed = T.from_model(model, tok, 2, corpus=path, seed=0, context_tokens=(4, 8))
+    assert (filed.meta["document"] == "corpus.txt").all()
+    assert T.from_model(model, tok, 2, corpus=str(path), seed=0, context_tokens=(4, 8)).ids == filed.ids
+    with pytest.raises(TargetError, match="not a file"):
+        T.from_model(model, tok, 2, corpus=str(tmp_path / "missing.txt"))
+    with pytest.raises(TargetError, match="more than 400 tokens"):
+        T.from_model(model, tok, 2, corpus=["short text"], context_tokens=(400, 400))
+    with pytest.raises(TargetError, match="non-empty list of strings"):
+        T.from_model(model, tok, 2, corpus=[1, 2])
+    with pytest.raises(TargetError, match="positive int"):
+        T.from_model(model, tok, 0)
+    with pytest.raises(TargetError, match="context_tokens"):
+        T.from_model(model, tok, 2, context_tokens=(10, 5))
+
+
+def test_from_model_sampled(tiny):
+    model, tok = tiny
+    a = T.from_model(model, tok, 4, seed=2, sample=True, context_tokens=(3, 12))
+    assert_valid(a, 384)
+    assert a.meta["sampled"].all() and a.ids[0] == "lm-tiny-llama-380-sampled-s2-0"
+    b = T.from_model(model, tok, 4, seed=2, sample=True, context_tokens=(3, 12), batch_size=1)
+    assert a.meta["context_ids"].tolist() == b.meta["context_ids"].tolist()
+    assert (a.probs - b.probs).abs().max() < 1e-5
+    special = set(tok.all_special_ids)
+    assert all(not special & set(c[1:]) for c in a.meta["context_ids"])  # no special token is sampled
+    assert a.meta["context_ids"].tolist() != T.from_model(model, tok, 4, seed=3, sample=True,
+                                                          context_tokens=(3, 12)).meta["context_ids"].tolist()
+
+
+def test_reference_is_the_models_own_distribution(tiny):
+    model, tok = tiny
+    ref = T.reference(model, tok, ["hello world", "the cat sat on"])
+    assert ref.meta["kind"].eq("reference").all() and ref.meta["target_id"].is_unique
+    assert ref.meta["context_ids"].iloc[0] == tok("hello world")["input_ids"]
+    for i, ids in enumerate(ref.meta["context_ids"]):
+        direct = next_token_logprobs(model, embed(model, torch.tensor([ids]))).exp()[0]
+        assert (direct - ref.probs[i]).abs().max() < 1e-5
+    by_ids = T.reference(model, tok, [ref.meta["context_ids"].iloc[1]])
+    assert torch.allclose(by_ids.probs[0], ref.probs[1], atol=1e-6)
+    lm = T.from_model(model, tok, 2, seed=0)  # the LM targets' recorded contexts reproduce them
+    assert torch.allclose(T.reference(model, tok, lm.meta["context_ids"].tolist()).probs, lm.probs, atol=1e-6)
+
+
+@pytest.mark.parametrize("contexts, match", [
+    ([], "empty"), (["a", [1, 2]], "all strings"), ([[1, 999]], "outside"), ([[]], "empty"),
+])
+def test_reference_errors(tiny, contexts, match):
+    model, tok = tiny
+    with pytest.raises(TargetError, match=match):
+        T.reference(model, tok, contexts)
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-tokenizer mapping
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPLIB_CACHE", str(tmp_path))
+    T._MAPS.clear()
+    yield tmp_path
+    T._MAPS.clear()
+
+
+@pytest.mark.parametrize("method", T.MAP_METHODS)
+def test_map_vocab_tiny(tiny, tiny_b, fresh_cache, method):
+    (model, tok), (model_b, tok_b) = tiny, tiny_b
+    src = T.from_model(model, tok, 4, seed=0)
+    out = T.map_vocab(src, tok, tok_b, logits_width(model_b), method=method)
+    assert_valid(out, 640)
+    lost = out.meta["mass_lost"]
+    assert ((lost >= 0) & (lost <= 1)).all() and (lost > 0).all()  # tiny has padding rows with mass
+    assert out.ids == ["mapped-" + i for i in src.ids] and out.meta["source_target_id"].tolist() == src.ids
+    assert (out.meta["kind"] == "lm").all() and out.meta["mapped"].all() and (out.meta["map_method"] == method).all()
+    assert "source_context_ids" in out.meta and "context_ids" not in out.meta
+    assert out.probs[:, len(tok_b):].abs().max() == 0  # nothing lands on padding rows
+    vmap = T.vocab_map(tok, tok_b, source_width=384, target_vocab_size=640, method=method)
+    dense = src.probs.double() @ vmap.matrix().to_dense()
+    assert torch.allclose(dense.sum(-1), 1 - torch.tensor(lost.to_numpy()), atol=1e-9)
+    assert torch.allclose(dense / dense.sum(-1, keepdim=True), out.probs.double(), atol=1e-6)
+
+
+def test_map_vocab_places_strings(tiny, tiny_b, fresh_cache):
+    (_, tok), (_, tok_b) = tiny, tiny_b
+    word = tok(" the", add_special_tokens=False)["input_ids"]
+    assert len(word) == 1
+    p = torch.zeros(1, 384)
+    p[0, word[0]], p[0, tok.bos_token_id] = 0.75, 0.25  # special tokens lose their mass
+    out = T.map_vocab(Targets.from_probs(p), tok, tok_b, 640)
+    assert out.meta["mass_lost"].iloc[0] == pytest.approx(0.25)
+    assert tok_b.decode([int(out.probs.argmax())]) == " the" and out.probs.max() == 1.0
+    first = T.vocab_map(tok, tok_b, source_width=384, target_vocab_size=640)
+    exact = T.vocab_map(tok, tok_b, source_width=384, target_vocab_size=640, method="exact")
+    placed = exact.dest >= 0
+    assert torch.equal(exact.dest[placed], first.dest[placed]) and placed.sum() <= (first.dest >= 0).sum()
+    same = T.vocab_map(tok, tok, source_width=384, target_vocab_size=384, method="exact")
+    roundtrip = same.dest >= 0  # onto itself, every placed token maps to itself
+    assert torch.equal(same.dest[roundtrip], torch.arange(384)[roundtrip]) and roundtrip.sum() > 200
+    strings = tok.batch_decode([[i] for i in range(380)])
+    assert all("\ufffd" in strings[i] or i in tok.all_special_ids for i in range(380) if not roundtrip[i])
+    only_special = torch.zeros(1, 384)
+    only_special[0, tok.eos_token_id] = 1.0
+    with pytest.raises(TargetError, match="lose all their mass"):
+        T.map_vocab(Targets.from_probs(only_special), tok, tok_b, 640)
+    with pytest.raises(TargetError, match="not a mapping method"):
+        T.map_vocab(Targets.from_probs(p), tok, tok_b, 640, method="all_tokens")
+    with pytest.raises(TargetError, match="smaller than the target tokenizer"):
+        T.map_vocab(Targets.from_probs(p), tok, tok_b, 500)
+    with pytest.raises(TargetError, match="Targets batch"):
+        T.map_vocab(p, tok, tok_b, 640)
+
+
+def test_map_vocab_disk_cache(tiny, tiny_b, fresh_cache, monkeypatch):
+    (_, tok), (_, tok_b) = tiny, tiny_b
+    built = T.vocab_map(tok, tok_b, source_width=384, target_vocab_size=640)
+    files = list((fresh_cache / "vocab_maps").glob("*.npy"))
+    assert [f.name for f in files] == [f"{built.key}.npy"]
+    assert T.vocab_map(tok, tok_b, source_width=384, target_vocab_size=640) is built  # memory hit
+    T._MAPS.clear()
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the disk cache was not used")
+
+    monkeypatch.setattr(T, "_build_dest", no_build)
+    loaded = T.vocab_map(tok, tok_b, source_width=384, target_vocab_size=640)  # disk hit
+    assert torch.equal(loaded.dest, built.dest)
+    with pytest.raises(AssertionError, match="not used"):  # another method or width is another key
+        T.vocab_map(tok, tok_b, source_width=384, target_vocab_size=640, method="exact")
+    monkeypatch.undo()
+    monkeypatch.setenv("DPLIB_CACHE", str(fresh_cache))
+    files[0].write_bytes(b"garbage")  # a corrupt entry is rebuilt
+    T._MAPS.clear()
+    assert torch.equal(T.vocab_map(tok, tok_b, source_width=384, target_vocab_size=640).dest, built.dest)
+    assert torch.equal(torch.from_numpy(np.load(files[0])).long(), built.dest)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("direction", ["smollm2->gemma3", "gemma3->smollm2"])
+def test_map_vocab_real_models(smollm2, gemma3, direction):
+    (src_model, src_tok), (dst_model, dst_tok) = (smollm2, gemma3) if direction == "smollm2->gemma3" else (gemma3, smollm2)
+    src_width, dst_width = logits_width(src_model), logits_width(dst_model)
+    words = [" the", " house", " water"]
+    probs = torch.zeros(len(words), src_width)
+    for i, w in enumerate(words):
+        ids = src_tok(w, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1
+        probs[i, ids[0]] = 1.0
+    out = T.map_vocab(Targets(probs, pd.DataFrame({"target_id": words, "kind": "custom"})),
+                      src_tok, dst_tok, dst_width)
+    assert_valid(out, dst_width)
+    for i, w in enumerate(words):
+        assert dst_tok.decode([int(out.probs[i].argmax())]) == w and out.probs[i].max() == 1.0
+    assert (out.meta["mass_lost"] == 0).all()
+    lm = T.map_vocab(T.from_model(src_model, src_tok, 2, seed=0), src_tok, dst_tok, dst_width)
+    assert_valid(lm, dst_width)
+    assert ((lm.meta["mass_lost"] >= 0) & (lm.meta["mass_lost"] <= 1)).all()
