@@ -20,6 +20,7 @@ a killed process never leaves a half-written table behind.
 
 from __future__ import annotations
 
+import csv
 import datetime as _dt
 import hashlib
 import json
@@ -160,7 +161,9 @@ def write_frame(df: pd.DataFrame, path: str | os.PathLike) -> Path:
         if path.suffix == ".parquet":
             df.to_parquet(tmp, index=False)
         elif path.suffix == ".csv":
-            df.to_csv(tmp, index=False)
+            # every string quoted: prompt texts can hold \r and other line breaks that csv's
+            # minimal quoting leaves bare (and a reader would split the row there)
+            df.to_csv(tmp, index=False, quoting=csv.QUOTE_NONNUMERIC)
         else:
             raise ValueError(f"unknown table format {path.suffix!r}: use .csv or .parquet")
         os.replace(tmp, path)

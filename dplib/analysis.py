@@ -1,0 +1,481 @@
+"""Tidy-table summaries for the notebooks: per-bin means with uncertainty, top-token tables.
+
+`bin_summary` turns a sweep's one-row-per-target table into one row per (group, entropy bin) with
+the mean, its standard error and a percentile-bootstrap confidence interval. `top_tokens` turns
+target and achieved distributions into the long table `plotting.distributions` draws. Tables in,
+tables out; nothing here plots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+
+def entropy_bins(max_entropy: float, n_bins: int) -> np.ndarray:
+    """`n_bins + 1` equal-width bin edges over [0, max_entropy] (nats)."""
+    if n_bins < 1 or not max_entropy > 0:
+        raise ValueError(f"need n_bins ≥ 1 and max_entropy > 0; got {n_bins}, {max_entropy}")
+    return np.linspace(0.0, float(max_entropy), n_bins + 1)
+
+
+def bootstrap_ci(values: np.ndarray, *, n_boot: int = 1000, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap confidence interval of the mean; (nan, nan) for an empty sample."""
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    if len(values) == 1:
+        return float(values[0]), float(values[0])
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(1)
+    alpha = (1 - level) / 2
+    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
+def bin_summary(df: pd.DataFrame, value: str = "kl_nats", *, by: Sequence[str] = ("method",),
+                x: str = "entropy_nats", bins: int | Sequence[float] = 8, n_boot: int = 1000,
+                level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """Mean of `value` per group and per bin of `x`, with standard error and bootstrap CI.
+
+    Args:
+        df: a tidy table with columns `x`, `value` and `by`.
+        bins: the number of equal-width bins over [0, max x] or explicit edges.
+    Returns: columns *by, bin_left, bin_right, bin_mid, n, mean, sem, ci_low, ci_high, where
+        sem = sample std / sqrt(n) (NaN for n = 1) and the CI is a `level` percentile bootstrap of
+        the mean, seeded (the same table gives the same interval).
+    """
+    by = list(by)
+    missing = [c for c in [x, value, *by] if c not in df]
+    if missing:
+        raise KeyError(f"bin_summary: columns {missing} not in the table (have {list(df.columns)})")
+    edges = entropy_bins(float(df[x].max()) or 1.0, bins) if isinstance(bins, int) else np.asarray(bins, float)
+    # the right edge is closed so the maximum lands in the last bin
+    idx = np.clip(np.searchsorted(edges, df[x].to_numpy(), side="right") - 1, 0, len(edges) - 2)
+    work = df.assign(_bin=idx)
+    rows = []
+    for key, group in work.groupby([*by, "_bin"], sort=True, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        vals = group[value].to_numpy(dtype=float)
+        b = int(key[-1])
+        lo, hi = bootstrap_ci(vals, n_boot=n_boot, level=level, seed=seed)
+        n = int(np.isfinite(vals).sum())
+        rows.append({**dict(zip(by, key[:-1], strict=True)), "bin_left": edges[b], "bin_right": edges[b + 1],
+                     "bin_mid": (edges[b] + edges[b + 1]) / 2, "n": n,
+                     "mean": float(np.nanmean(vals)) if n else float("nan"),
+                     "sem": float(np.nanstd(vals, ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
+                     "ci_low": lo, "ci_high": hi})
+    return pd.DataFrame(rows, columns=[*by, "bin_left", "bin_right", "bin_mid", "n", "mean", "sem",
+                                       "ci_low", "ci_high"])
+
+
+def pivot_bins(summary: pd.DataFrame, column: str = "method", value: str = "mean") -> pd.DataFrame:
+    """A bin_summary table as one row per bin and one column per `column` value (for printing)."""
+    table = summary.pivot_table(index=["bin_left", "bin_right"], columns=column, values=value)
+    table.columns.name = None
+    return table.reset_index()
+
+
+def token_label(tokenizer, token_id: int) -> str:
+    """A readable label for one token: its decoded text with whitespace made visible."""
+    try:
+        text = tokenizer.decode([int(token_id)])
+    except Exception:  # padding rows beyond the tokenizer have no string
+        text = ""
+    if text == "":
+        return f"<{int(token_id)}>"
+    return repr(text)[1:-1].replace(" ", "␣")
+
+
+def top_tokens(target_probs, achieved: Mapping[str, object], tokenizer=None, *, n: int = 10,
+               target_ids: Sequence[str] | None = None, by: str = "target") -> pd.DataFrame:
+    """The top-n tokens of each target with target and achieved probabilities, in long form.
+
+    Args:
+        target_probs: (T, vocab) target probabilities (a Tensor, array, or `Targets`).
+        achieved: {label: (T, vocab) model log-probabilities or a Result (its `.logprobs`)}.
+        tokenizer: decodes token ids to labels (None: ids only).
+        n: tokens per target.
+        by: "target" ranks the target's top tokens; "union" also adds each method's top tokens.
+    Returns: columns target_id, rank, token_id, token, source ("target" or the label),
+        prob — one row per (target, token, source); rank is the token's rank under the target.
+    """
+    import torch  # analysis may use torch; plotting never does
+
+    if hasattr(target_probs, "probs"):
+        target_ids = target_ids or target_probs.ids
+        target_probs = target_probs.probs
+    p = torch.as_tensor(target_probs).double()
+    logq = {k: torch.as_tensor(getattr(v, "logprobs", v)).double() for k, v in achieved.items()}
+    target_ids = list(target_ids) if target_ids is not None else [str(i) for i in range(len(p))]
+    rows = []
+    for i, tid in enumerate(target_ids):
+        order = torch.argsort(p[i], descending=True)
+        chosen = order[:n].tolist()
+        if by == "union":
+            for lq in logq.values():
+                chosen += [t for t in lq[i].topk(n).indices.tolist() if t not in chosen]
+        rank_of = {int(t): r for r, t in enumerate(order.tolist()[: max(len(chosen) * 4, n)])}
+        for t in chosen:
+            label = token_label(tokenizer, t) if tokenizer is not None else str(t)
+            rank = rank_of.get(int(t), int((p[i] > p[i, t]).sum()))
+            rows.append({"target_id": tid, "rank": rank, "token_id": int(t), "token": label,
+                         "source": "target", "prob": float(p[i, t])})
+            for name, lq in logq.items():
+                rows.append({"target_id": tid, "rank": rank, "token_id": int(t), "token": label,
+                             "source": name, "prob": float(lq[i, t].exp())})
+    return pd.DataFrame(rows, columns=["target_id", "rank", "token_id", "token", "source", "prob"])
+
+
+# --------------------------------------------------------------------------------------------
+# Comparisons for the experiments of notebooks 02–05 (matched groups, paired methods, the
+# bottleneck hierarchy). Each returns a tidy summary with its uncertainty; tables in, tables out.
+# --------------------------------------------------------------------------------------------
+
+
+def _bin_index(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """The bin of each value (right edge of the last bin closed, out-of-range values clipped)."""
+    return np.clip(np.searchsorted(edges, values, side="right") - 1, 0, len(edges) - 2)
+
+
+def _edges(values, bins) -> np.ndarray:
+    if isinstance(bins, int):
+        return entropy_bins(float(np.nanmax(values)) if len(values) else 1.0, bins)
+    return np.asarray(bins, dtype=float)
+
+
+def _quantiles(samples: np.ndarray, level: float) -> tuple[float, float]:
+    samples = samples[np.isfinite(samples)]
+    if len(samples) == 0:
+        return float("nan"), float("nan")
+    alpha = (1 - level) / 2
+    return float(np.quantile(samples, alpha)), float(np.quantile(samples, 1 - alpha))
+
+
+def _groups(df: pd.DataFrame, by: Sequence[str]):
+    """(key dict, rows) per combination of `by` (one group of everything when `by` is empty)."""
+    if not by:
+        yield {}, df
+        return
+    for key, rows in df.groupby(list(by), sort=True, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        yield dict(zip(by, key, strict=True)), rows
+
+
+def _need(df: pd.DataFrame, columns, who: str) -> None:
+    missing = [c for c in columns if c not in df]
+    if missing:
+        raise KeyError(f"{who}: columns {missing} not in the table (have {list(df.columns)})")
+
+
+def matched_difference(df: pd.DataFrame, value: str = "kl_nats", *, column: str, baseline: str,
+                       match: str = "requested_entropy_nats", by: Sequence[str] = (),
+                       bins: int | Sequence[float] = 8, n_boot: int = 1000, level: float = 0.95,
+                       seed: int = 0) -> pd.DataFrame:
+    """Baseline minus each other group of `column`, per bin of `match`, at exactly matched `match` values.
+
+    Designed for targets built on one grid of requested entropies: the baseline (e.g. vanilla) at
+    every grid point, another group (e.g. outliers with k, m) only where it is feasible. Within a
+    bin, only the strata (distinct `match` values) where both the group and the baseline have rows
+    count, so the comparison is never confounded by the baseline covering entropies the group
+    does not. With S such strata in a bin:
+
+        mean_group = (1/S) Σ_s mean(group rows of s),  mean_baseline likewise,
+        diff = mean_baseline − mean_group,
+        sem = sqrt(Σ_s (var_b,s / n_b,s + var_g,s / n_g,s)) / S   (NaN if a stratum has one row),
+
+    and the CI is a stratified percentile bootstrap: within each stratum both groups are resampled
+    independently (seeded: the same table gives the same interval).
+
+    Args:
+        df: tidy rows with `value`, `column`, `match` and `by` columns.
+        column: the group column (e.g. "group"); `baseline` is one of its values.
+        bins: the number of equal-width bins over [0, max `match`], or explicit edges.
+    Returns: columns *by, column, bin_left, bin_right, bin_mid, n_strata, n, n_baseline, mean,
+        mean_baseline, diff, sem, ci_low, ci_high — one row per (by, group, bin) with ≥ 1 stratum.
+    """
+    by = list(by)
+    _need(df, [value, column, match, *by], "matched_difference")
+    edges = _edges(df[match].to_numpy(float), bins)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for key, part in _groups(df, by):
+        base = part[part[column] == baseline]
+        base_strata = {s: r[value].to_numpy(float) for s, r in base.groupby(match)}
+        for group, grows in part[part[column] != baseline].groupby(column, sort=False):
+            strata = [(s, r[value].to_numpy(float)) for s, r in grows.groupby(match) if s in base_strata]
+            bin_of = {s: int(_bin_index(np.array([s]), edges)[0]) for s, _ in strata}
+            for b in sorted(set(bin_of.values())):
+                cells = [(base_strata[s], g) for s, g in strata if bin_of[s] == b]
+                n_s = len(cells)
+                mean_b = float(np.mean([c[0].mean() for c in cells]))
+                mean_g = float(np.mean([c[1].mean() for c in cells]))
+                if all(len(c[0]) > 1 and len(c[1]) > 1 for c in cells):
+                    var = sum(c[0].var(ddof=1) / len(c[0]) + c[1].var(ddof=1) / len(c[1]) for c in cells)
+                    sem = float(np.sqrt(var) / n_s)
+                else:
+                    sem = float("nan")
+                boot = np.zeros(n_boot)
+                for vb, vg in cells:
+                    boot += (vb[rng.integers(0, len(vb), (n_boot, len(vb)))].mean(1)
+                             - vg[rng.integers(0, len(vg), (n_boot, len(vg)))].mean(1))
+                lo, hi = _quantiles(boot / n_s, level)
+                rows.append({**key, column: group, "bin_left": edges[b], "bin_right": edges[b + 1],
+                             "bin_mid": (edges[b] + edges[b + 1]) / 2, "n_strata": n_s,
+                             "n": sum(len(c[1]) for c in cells), "n_baseline": sum(len(c[0]) for c in cells),
+                             "mean": mean_g, "mean_baseline": mean_b, "diff": mean_b - mean_g,
+                             "sem": sem, "ci_low": lo, "ci_high": hi})
+    return pd.DataFrame(rows, columns=[*by, column, "bin_left", "bin_right", "bin_mid", "n_strata", "n",
+                                       "n_baseline", "mean", "mean_baseline", "diff", "sem", "ci_low",
+                                       "ci_high"])
+
+
+def paired_comparison(df: pd.DataFrame, value: str = "kl_nats", *, column: str, control: str,
+                      treatments: Sequence[str] | str | None = None, pair: str = "target_id",
+                      by: Sequence[str] = (), n_boot: int = 1000, level: float = 0.95,
+                      seed: int = 0) -> pd.DataFrame:
+    """Each treatment against the control on paired rows: the mean gap and the relative reduction.
+
+    Rows of a treatment and of the control are paired by the `pair` column (the same target under
+    two methods: pair="target_id"; a target and its entropy-matched control: a shared pair id) within
+    each `by` group; only complete pairs count. For the n pairs (t_i, c_i):
+
+        gap = mean(t − c)  (negative: the treatment reaches a lower value),
+        relative_reduction = 1 − mean(t) / mean(c)  (a ratio of means, not a mean of ratios: a mean
+            of per-pair ratios is dominated by pairs whose control is near 0),
+        frac_lower = the fraction of pairs with t < c,
+
+    with sem of the gap (std / √n) and percentile-bootstrap CIs of gap and relative reduction,
+    resampling pairs (one set of resamples for both; seeded).
+
+    Args:
+        column: the column naming treatments and control (e.g. "method", "source").
+        treatments: the values compared with `control` (default: every other value, in order).
+    Returns: columns *by, column (the treatment), control, n, mean_treatment, mean_control, gap,
+        gap_sem, gap_ci_low, gap_ci_high, relative_reduction, rr_ci_low, rr_ci_high, frac_lower.
+    Raises ValueError if a `pair` value repeats within a (by, column) group.
+    """
+    by = list(by)
+    _need(df, [value, column, pair, *by], "paired_comparison")
+    if isinstance(treatments, str):
+        treatments = [treatments]
+    if treatments is None:
+        treatments = [t for t in dict.fromkeys(df[column]) if t != control]
+    rng = np.random.default_rng(seed)
+    rows = []
+    for key, part in _groups(df, by):
+        for name in [control, *treatments]:
+            dup = part.loc[part[column] == name, pair].duplicated()
+            if dup.any():
+                raise ValueError(f"paired_comparison: {pair} values repeat within {column}={name!r} "
+                                 f"{key or ''}: {part.loc[part[column] == name, pair][dup].tolist()[:3]}; "
+                                 "add the distinguishing column to `by`")
+        ctrl = part.loc[part[column] == control, [pair, value]]
+        for name in treatments:
+            both = part.loc[part[column] == name, [pair, value]].merge(ctrl, on=pair, suffixes=("_t", "_c"))
+            t, c = both[f"{value}_t"].to_numpy(float), both[f"{value}_c"].to_numpy(float)
+            n = len(both)
+            if n == 0:
+                continue
+            idx = rng.integers(0, n, (n_boot, n))
+            boot_t, boot_c = t[idx].mean(1), c[idx].mean(1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                boot_rr = 1.0 - boot_t / boot_c
+                rr = 1.0 - t.mean() / c.mean() if c.mean() != 0 else float("nan")
+            glo, ghi = _quantiles(boot_t - boot_c, level) if n > 1 else (float(t.mean() - c.mean()),) * 2
+            rlo, rhi = _quantiles(boot_rr, level) if n > 1 else (rr, rr)
+            rows.append({**key, column: name, "control": control, "n": n, "mean_treatment": float(t.mean()),
+                         "mean_control": float(c.mean()), "gap": float((t - c).mean()),
+                         "gap_sem": float((t - c).std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
+                         "gap_ci_low": glo, "gap_ci_high": ghi, "relative_reduction": float(rr),
+                         "rr_ci_low": rlo, "rr_ci_high": rhi, "frac_lower": float((t < c).mean())})
+    return pd.DataFrame(rows, columns=[*by, column, "control", "n", "mean_treatment", "mean_control", "gap",
+                                       "gap_sem", "gap_ci_low", "gap_ci_high", "relative_reduction",
+                                       "rr_ci_low", "rr_ci_high", "frac_lower"])
+
+
+def group_summary(df: pd.DataFrame, value: str = "kl_nats", *, by: Sequence[str] = ("method",),
+                  n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """n, mean, sem and bootstrap CI of `value` per `by` group (NaN group keys kept).
+
+    Returns: columns *by, n, mean, sem, ci_low, ci_high; groups in sorted order.
+    """
+    by = list(by)
+    _need(df, [value, *by], "group_summary")
+    rows = []
+    for key, part in _groups(df, by):
+        vals = part[value].to_numpy(float)
+        vals = vals[np.isfinite(vals)]
+        lo, hi = bootstrap_ci(vals, n_boot=n_boot, level=level, seed=seed)
+        rows.append({**key, "n": len(vals), "mean": float(vals.mean()) if len(vals) else float("nan"),
+                     "sem": float(vals.std(ddof=1) / np.sqrt(len(vals))) if len(vals) > 1 else float("nan"),
+                     "ci_low": lo, "ci_high": hi})
+    return pd.DataFrame(rows, columns=[*by, "n", "mean", "sem", "ci_low", "ci_high"])
+
+
+def with_projection(df: pd.DataFrame, *, method: str = "soft", label: str = "soft_projected") -> pd.DataFrame:
+    """The table plus one row per `method` row scored after nearest-token projection.
+
+    The soft optimiser reports, next to its KL, `projected_kl_nats`: the KL of the prompt made of
+    the real tokens nearest to its vectors. The added rows are copies of the `method` rows with
+    kl_nats = projected_kl_nats, `method` and `variant` (where present) set to `label` (the variant
+    keeps any suffix after the method name: "soft_L5" → "soft_projected_L5") and is_bound False;
+    rows without a projection (NaN) are not added.
+    """
+    _need(df, ["method", "kl_nats", "projected_kl_nats"], "with_projection")
+    src = df[(df["method"] == method) & df["projected_kl_nats"].notna()]
+    proj = src.assign(method=label, kl_nats=src["projected_kl_nats"])
+    if "variant" in proj:
+        proj["variant"] = [label + v[len(method):] if isinstance(v, str) and v.startswith(method) else label
+                           for v in proj["variant"]]
+    if "is_bound" in proj:
+        proj["is_bound"] = False
+    return pd.concat([df, proj], ignore_index=True)
+
+
+# The bottleneck hierarchy, from the output layer alone up to a real-token prompt: each level can
+# reach everything the next one can, so for the global optima KL(free) ≤ KL(norm) ≤ KL(layer) ≤
+# KL(soft) ≤ KL(hard).
+HIERARCHY = ("free_bound", "norm_bound", "layer_bound", "soft", "hard")
+
+
+def hierarchy(df: pd.DataFrame, levels: Sequence[str] = HIERARCHY, *, column: str = "method",
+              value: str = "kl_nats", pair: str = "target_id",
+              keep: Sequence[str] = ("kind", "entropy_nats")) -> pd.DataFrame:
+    """One row per target: its KL at each level of the hierarchy and the part each level adds.
+
+    `part_<level>` is the level's KL minus the KL of the level below it that the target has (for
+    the lowest level, its KL itself: what the output layer alone forces, for free_bound), so the
+    parts of a target sum to its KL at its highest level. A level a target lacks (e.g. hard prompts
+    run on a subset) is NaN and its part too. Parts can be negative: the optimisers are local, and
+    a negative part is an ordering violation (see `ordering_violations`), shown, not hidden.
+
+    Returns: columns pair, *keep, one KL column per level (named by the level), part_<level> per
+        level, n_levels.
+    """
+    levels = list(levels)
+    _need(df, [column, value, pair, *keep], "hierarchy")
+    present = df[df[column].isin(levels)]
+    dup = present.duplicated([pair, column])
+    if dup.any():
+        raise ValueError(f"hierarchy: several rows for ({pair}, {column}) "
+                         f"{present.loc[dup, [pair, column]].head(3).values.tolist()}; filter to one seed / variant")
+    wide = present.pivot(index=pair, columns=column, values=value)
+    info = df.drop_duplicates(pair).set_index(pair)[list(keep)]
+    out = info.loc[wide.index].copy()
+    below = np.zeros(len(wide))
+    have_below = np.zeros(len(wide), dtype=bool)
+    for level in levels:
+        kl = wide[level].to_numpy(float) if level in wide else np.full(len(wide), np.nan)
+        out[level] = kl
+        has = np.isfinite(kl)
+        out[f"part_{level}"] = np.where(has, kl - np.where(have_below, below, 0.0), np.nan)
+        below = np.where(has, kl, below)
+        have_below |= has
+    out["n_levels"] = np.isfinite(out[levels].to_numpy(float)).sum(1)
+    return out.reset_index()
+
+
+def ordering_violations(wide: pd.DataFrame, levels: Sequence[str] = HIERARCHY, *,
+                        tol: float = 1e-3) -> pd.DataFrame:
+    """How often a higher level of the hierarchy beats a lower one by more than `tol` nats.
+
+    Checked for each adjacent pair of levels (lower, upper) over the targets that have both.
+    Returns: columns lower, upper, n (targets with both), n_violations (KL_upper < KL_lower − tol),
+        frac_violations, max_excess_nats (the largest KL_lower − KL_upper, 0 if none is positive).
+    """
+    rows = []
+    levels = [lv for lv in levels if lv in wide]
+    for lower, upper in zip(levels[:-1], levels[1:], strict=True):
+        both = wide[[lower, upper]].dropna()
+        excess = (both[lower] - both[upper]).to_numpy(float)
+        n = len(both)
+        bad = int((excess > tol).sum())
+        rows.append({"lower": lower, "upper": upper, "n": n, "n_violations": bad,
+                     "frac_violations": bad / n if n else float("nan"),
+                     "max_excess_nats": float(max(excess.max(), 0.0)) if n else float("nan")})
+    return pd.DataFrame(rows, columns=["lower", "upper", "n", "n_violations", "frac_violations",
+                                       "max_excess_nats"])
+
+
+def hierarchy_parts(wide: pd.DataFrame, levels: Sequence[str] = HIERARCHY, *, x: str = "entropy_nats",
+                    bins: int | Sequence[float] = 6, by: Sequence[str] = (), n_boot: int = 1000,
+                    level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """Per bin of `x`, the mean of each level's part (`hierarchy`), with its uncertainty: what a
+    stacked-gap figure stacks.
+
+    The parts of a level are averaged over the targets that have the level, so with a level run on
+    a subset (hard prompts) its stacked segment is the subset's mean; `top` (the running sum of the
+    mean parts) is then an estimate of the level's mean KL over all targets of the bin.
+    Returns: columns *by, bin_left, bin_right, bin_mid, level, n, mean, sem, ci_low, ci_high, top.
+    """
+    by = list(by)
+    levels = [lv for lv in levels if f"part_{lv}" in wide]
+    long = wide.melt(id_vars=[x, *by], value_vars=[f"part_{lv}" for lv in levels], var_name="level",
+                     value_name="part").dropna(subset=["part"])
+    long["level"] = long["level"].str.removeprefix("part_")
+    edges = _edges(wide[x].to_numpy(float), bins)
+    summary = bin_summary(long, "part", by=[*by, "level"], x=x, bins=edges, n_boot=n_boot, level=level,
+                          seed=seed)
+    summary["level"] = pd.Categorical(summary["level"], categories=levels, ordered=True)
+    summary = summary.sort_values([*by, "bin_left", "level"]).reset_index(drop=True)
+    summary["top"] = summary.groupby([*by, "bin_left"], observed=True)["mean"].cumsum()
+    summary["level"] = summary["level"].astype(str)
+    cols = [*by, "bin_left", "bin_right", "bin_mid", "level", "n", "mean", "sem", "ci_low", "ci_high", "top"]
+    return summary[cols]
+
+
+def ratio_of_means(df: pd.DataFrame, numerator: str, denominator: str, *, x: str = "entropy_nats",
+                   bins: int | Sequence[float] | None = 6, by: Sequence[str] = (), n_boot: int = 1000,
+                   level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """mean(numerator) / mean(denominator) over the rows having both, per bin of `x` (and `by`).
+
+    E.g. on a `hierarchy` table, numerator="free_bound", denominator="soft": the share of the soft
+    prompt's KL that the output layer alone already forces. CI: percentile bootstrap over rows.
+    `bins=None` gives one row per `by` group over all `x`.
+    Returns: columns *by, bin_left, bin_right, bin_mid, n, mean_numerator, mean_denominator, ratio,
+        ci_low, ci_high.
+    """
+    by = list(by)
+    _need(df, [numerator, denominator, x, *by], "ratio_of_means")
+    both = df.dropna(subset=[numerator, denominator])
+    values = both[x].to_numpy(float)
+    edges = (np.array([np.nanmin(values), np.nanmax(values)]) if bins is None and len(values)
+             else _edges(values, bins if bins is not None else 1))
+    rng = np.random.default_rng(seed)
+    rows = []
+    for key, part in _groups(both.assign(_bin=_bin_index(both[x].to_numpy(float), edges)), [*by, "_bin"]):
+        b = int(key.pop("_bin"))
+        num, den = part[numerator].to_numpy(float), part[denominator].to_numpy(float)
+        n = len(part)
+        idx = rng.integers(0, n, (n_boot, n))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = num.mean() / den.mean() if den.mean() != 0 else float("nan")
+            lo, hi = _quantiles(num[idx].mean(1) / den[idx].mean(1), level) if n > 1 else (ratio, ratio)
+        rows.append({**key, "bin_left": edges[b], "bin_right": edges[b + 1], "bin_mid": (edges[b] + edges[b + 1]) / 2,
+                     "n": n, "mean_numerator": float(num.mean()), "mean_denominator": float(den.mean()),
+                     "ratio": float(ratio), "ci_low": lo, "ci_high": hi})
+    return pd.DataFrame(rows, columns=[*by, "bin_left", "bin_right", "bin_mid", "n", "mean_numerator",
+                                       "mean_denominator", "ratio", "ci_low", "ci_high"])
+
+
+def target_group(df: pd.DataFrame, columns: Mapping[str, str] | None = None) -> pd.Series:
+    """A readable group label per row: the target `kind`, then `name=value` for each of `columns`
+    the row has (non-null), e.g. "vanilla", "outlier k=3 m=0.5".
+
+    columns: {column: short name}; default {"k": "k", "mass": "m"} (the outlier settings).
+    """
+    columns = {"k": "k", "mass": "m"} if columns is None else dict(columns)
+    _need(df, ["kind"], "target_group")
+    present = [c for c in columns if c in df]
+    labels = []
+    for row in df[["kind", *present]].itertuples(index=False):
+        parts = [str(row[0])]
+        for name, v in zip(present, row[1:], strict=True):
+            if v is not None and not (isinstance(v, float) and np.isnan(v)):
+                parts.append(f"{columns[name]}={v:g}" if isinstance(v, int | float | np.number) else f"{columns[name]}={v}")
+        labels.append(" ".join(parts))
+    return pd.Series(labels, index=df.index, name="group")

@@ -1,0 +1,401 @@
+"""Run the notebooks headlessly: papermill execution, HTML renders, the results index, `reproduce`.
+
+`reproduce()` (what `python -m dplib reproduce` and `make reproduce` call) executes every notebook
+in `notebooks/` in name order with papermill, on the `python3` kernel — which jupyter_client
+starts with the current interpreter (`sys.executable`), i.e. the venv's Python. Each notebook runs
+into its run directory `results/<notebook>/<run_id>/` (the run id is derived from its effective
+parameters, as `dplib.results.run_id_for` does, and passed in as the `run_id` parameter), which
+then holds the executed `.ipynb` and its `.html` render. `results/index.html` links every run,
+its figures and its headline table. A failing notebook is reported with its failing cell; the
+others still run.
+
+Parameters a notebook receives (only those its `parameters` cell declares):
+    results_dir, progress=False, interactive=False, run_id, device (when given), and with
+    `smoke=True` the notebook's own smoke parameters, stored in its metadata under
+    `metadata["dplib"]["smoke"]` (a dict of literals: tiny sizes that run in well under a minute).
+"""
+
+from __future__ import annotations
+
+import ast
+import html
+import io
+import json
+import logging
+import os
+import time
+import tokenize
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .results import Run, find_runs, open_run, read_frame, run_id_for
+
+log = logging.getLogger(__name__)
+
+# The study's notebooks (SPEC §Experiments); reproduce runs what exists and names what is missing.
+EXPECTED = ("00_quickstart", "01_entropy_sweep", "02_outlier_study", "03_lm_targets",
+            "04_soft_vs_hard", "05_bottleneck")
+KERNEL_NAME = "python3"  # jupyter_client starts "python" kernelspecs with sys.executable
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def notebooks_dir() -> Path:
+    return repo_root() / "notebooks"
+
+
+def list_notebooks(folder: str | os.PathLike | None = None) -> list[Path]:
+    """The notebooks of `folder` (default: the repository's notebooks/), sorted by name."""
+    folder = Path(folder) if folder is not None else notebooks_dir()
+    return sorted(p for p in folder.glob("*.ipynb") if not p.name.startswith("."))
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters.
+# --------------------------------------------------------------------------------------------
+
+
+def _read(path) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def parameters_cell(nb: Mapping) -> dict | None:
+    """The (first) code cell tagged `parameters`, or None."""
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code" and "parameters" in cell.get("metadata", {}).get("tags", []):
+            return cell
+    return None
+
+
+def _source(cell) -> str:
+    src = cell["source"]
+    return "".join(src) if isinstance(src, list) else src
+
+
+def default_parameters(path: str | os.PathLike) -> dict:
+    """{name: value} of the notebook's `parameters` cell (literals, evaluated safely)."""
+    cell = parameters_cell(_read(path))
+    if cell is None:
+        raise ValueError(f"{path} has no cell tagged 'parameters'")
+    out = {}
+    for node in ast.parse(_source(cell)).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            out[node.targets[0].id] = ast.literal_eval(node.value)
+    return out
+
+
+def smoke_parameters(path: str | os.PathLike) -> dict:
+    """The notebook's smoke parameters (`metadata["dplib"]["smoke"]`), {} if none."""
+    return dict(_read(path).get("metadata", {}).get("dplib", {}).get("smoke", {}))
+
+
+def run_parameters(path: str | os.PathLike, *, results_dir: str | os.PathLike, smoke: bool = False,
+                   device: str | None = None, overrides: Mapping | None = None) -> tuple[dict, dict]:
+    """(effective parameters, parameters to inject) for one execution of a notebook."""
+    defaults = default_parameters(path)
+    inject = dict(smoke_parameters(path)) if smoke else {}
+    inject.update(overrides or {})
+    runtime = {"results_dir": str(Path(results_dir).resolve()), "progress": False, "interactive": False}
+    if device is not None:
+        runtime["device"] = device
+    inject.update({k: v for k, v in runtime.items() if k in defaults})
+    unknown = sorted(set(inject) - set(defaults))
+    if unknown:
+        raise ValueError(f"{Path(path).name}: parameters {unknown} are not declared in its parameters cell")
+    effective = {**defaults, **inject}
+    if "run_id" in defaults and not inject.get("run_id"):
+        inject["run_id"] = effective["run_id"] = run_id_for(effective)
+    return effective, inject
+
+
+# --------------------------------------------------------------------------------------------
+# Execution.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class NotebookRun:
+    """The outcome of executing one notebook."""
+
+    name: str
+    status: str  # "success" or "failed"
+    run_dir: Path | None
+    executed: Path | None
+    html: Path | None
+    wall_s: float
+    error: str | None = None
+    cell_index: int | None = None  # 0-based index of the failing cell in the notebook file
+    exec_count: int | None = None
+
+    def describe(self) -> str:
+        if self.status == "success":
+            return f"{self.name}: success in {self.wall_s:.0f} s -> {self.run_dir}"
+        where = ""
+        if self.cell_index is not None:
+            where = f" at cell {self.cell_index} (0-based, as in the notebook file"
+            where += f"; execution count {self.exec_count})" if self.exec_count is not None else ")"
+        return f"{self.name}: FAILED{where}: {self.error} -> {self.executed}"
+
+
+def execute(path: str | os.PathLike, *, results_dir: str | os.PathLike = "results", smoke: bool = False,
+            device: str | None = None, parameters: Mapping | None = None,
+            kernel_name: str = KERNEL_NAME, cell_timeout: int | None = None) -> NotebookRun:
+    """Execute one notebook into its run directory, render it to HTML, and report the outcome.
+
+    Never raises for a failing notebook: the failure (error, cell index) is in the NotebookRun
+    and in run.json (status "failed").
+    """
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    path = Path(path)
+    name = path.stem
+    effective, inject = run_parameters(path, results_dir=results_dir, smoke=smoke, device=device,
+                                       overrides=parameters)
+    run_id = effective.get("run_id") or run_id_for(effective)
+    run_dir = Path(results_dir) / name / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    executed = run_dir / f"{name}.ipynb"
+    log.info("executing %s -> %s", path.name, run_dir)
+    t0 = time.perf_counter()
+    error = cell_index = exec_count = None
+    try:
+        papermill.execute_notebook(str(path), str(executed), parameters=inject, kernel_name=kernel_name,
+                                   cwd=str(repo_root()), progress_bar=False, log_output=False,
+                                   execution_timeout=cell_timeout)
+    except PapermillExecutionError as exc:
+        error, exec_count = f"{exc.ename}: {exc.evalue}", exc.exec_count
+        cell_index = _source_cell_index(path, exc.source, exc.cell_index)
+    except Exception as exc:  # kernel death, missing kernel, unreadable notebook
+        error = f"{type(exc).__name__}: {exc}"
+    wall = time.perf_counter() - t0
+    html_path = render_html(executed) if executed.exists() else None
+    status = "failed" if error else "success"
+    run = Run(run_dir)
+    if not run.json_path.exists():  # the notebook failed before creating its run
+        run.update(notebook=name, run_id=run_id, status="running", parameters=effective, start=None)
+    meta = run.meta
+    fields = {"executed_notebook": executed.name, "html": html_path.name if html_path else None,
+              "reproduce": {"smoke": smoke, "injected": inject, "wall_s": round(wall, 1)}}
+    if error:
+        run.finish("failed", error=error, failed_cell=cell_index, **fields)
+    elif meta.get("status") == "running":  # the notebook did not close its run itself
+        run.finish("success", **fields)
+    else:
+        run.update(**fields)
+    outcome = NotebookRun(name, status, run_dir, executed if executed.exists() else None, html_path,
+                          wall, error, cell_index, exec_count)
+    (log.info if status == "success" else log.error)("%s", outcome.describe())
+    return outcome
+
+
+def _source_cell_index(path: Path, source: str, fallback: int) -> int:
+    """The failing cell's index in the notebook as committed (papermill's index counts its injected
+    parameters cell); found by the cell's source, else papermill's index minus the injected cell."""
+    cells = _read(path)["cells"]
+    for i, cell in enumerate(cells):
+        if cell["cell_type"] == "code" and _source(cell) == source:
+            return i
+    return fallback - 1 if fallback and parameters_cell({"cells": cells}) is not None else fallback
+
+
+def render_html(ipynb: str | os.PathLike) -> Path:
+    """Render an executed notebook to HTML next to it (nbconvert; no browser, no re-execution)."""
+    import nbconvert
+    import nbformat
+
+    ipynb = Path(ipynb)
+    body, _ = nbconvert.HTMLExporter().from_notebook_node(nbformat.read(ipynb, as_version=4))
+    out = ipynb.with_suffix(".html")
+    out.write_text(body, encoding="utf-8")
+    return out
+
+
+def select(paths: Sequence[Path], only: Sequence[str] | None) -> list[Path]:
+    """The notebooks named by `only` (full stem or a prefix such as "01"); all when `only` is empty."""
+    if not only:
+        return list(paths)
+    chosen = [p for p in paths if any(p.stem == o or p.stem.startswith(o) for o in only)]
+    if not chosen:
+        raise ValueError(f"--only {list(only)} matches none of {[p.stem for p in paths]}")
+    return chosen
+
+
+def reproduce(results_dir: str | os.PathLike = "results", *, smoke: bool = False,
+              only: Sequence[str] | None = None, device: str | None = None,
+              notebooks: str | os.PathLike | None = None, kernel_name: str = KERNEL_NAME,
+              cell_timeout: int | None = None) -> list[NotebookRun]:
+    """Execute every notebook (or those in `only`) in order, render them, and write the index.
+
+    Returns one NotebookRun per notebook; failures do not stop the others.
+    """
+    paths = list_notebooks(notebooks)
+    if notebooks is None:
+        missing = [n for n in EXPECTED if n not in {p.stem for p in paths}]
+        if missing:
+            log.warning("running the %d notebooks that exist; not written yet: %s", len(paths), ", ".join(missing))
+    paths = select(paths, only)
+    Path(results_dir).mkdir(parents=True, exist_ok=True)
+    outcomes = [execute(p, results_dir=results_dir, smoke=smoke, device=device, kernel_name=kernel_name,
+                        cell_timeout=cell_timeout) for p in paths]
+    write_index(results_dir)
+    return outcomes
+
+
+# --------------------------------------------------------------------------------------------
+# The index page.
+# --------------------------------------------------------------------------------------------
+
+
+def _headline(run: Run, max_rows: int = 20) -> str:
+    meta = run.meta
+    rel = meta.get("headline_table")
+    path = run.path / rel if rel else None
+    if path is None or not path.exists():
+        csvs = sorted((run.path / "tables").glob("*.csv")) if (run.path / "tables").exists() else []
+        path = csvs[0] if csvs else None
+    if path is None:
+        return ""
+    try:
+        df = read_frame(path)
+    except Exception as exc:  # a broken table should not break the index
+        return f"<p>could not read {html.escape(path.name)}: {html.escape(str(exc))}</p>"
+    more = f" (first {max_rows} of {len(df)} rows)" if len(df) > max_rows else ""
+    return (f"<p>table <code>{html.escape(path.name)}</code>{more}</p>"
+            + df.head(max_rows).to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0))
+
+
+def write_index(results_dir: str | os.PathLike = "results") -> Path:
+    """Write results/index.html: every run with its status, notebook render, figures and headline table."""
+    root = Path(results_dir)
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>dplib results</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
+             "img{max-width:520px;margin:4px;border:1px solid #ddd}table{border-collapse:collapse;"
+             "font-size:12px}td,th{padding:2px 6px;border-bottom:1px solid #eee}"
+             ".failed{color:#b00}.success{color:#070}.running{color:#a60}</style></head><body>",
+             "<h1>dplib results</h1>"]
+    runs = find_runs("*/*", root)
+    if not runs:
+        parts.append("<p>No runs yet: <code>python -m dplib reproduce</code>.</p>")
+    for notebook in sorted({r.notebook for r in runs}):
+        parts.append(f"<h2>{html.escape(notebook)}</h2>")
+        group = sorted((r for r in runs if r.notebook == notebook),
+                       key=lambda r: r.meta.get("end") or r.meta.get("start") or "", reverse=True)
+        for run in group:
+            meta = run.meta
+            rel = run.path.relative_to(root).as_posix()
+            status = meta.get("status", "?")
+            links = [f"<a href='{rel}/run.json'>run.json</a>"]
+            for key in ("html", "executed_notebook"):
+                if meta.get(key):
+                    links.append(f"<a href='{rel}/{meta[key]}'>{html.escape(meta[key])}</a>")
+            duration = meta.get("duration_s")
+            took = f"{duration:.0f} s" if duration is not None else "duration unknown"
+            parts.append(
+                f"<h3>{html.escape(run.run_id)} <span class='{status}'>{html.escape(status)}</span></h3>"
+                f"<p>started {html.escape(str(meta.get('start')))}, "
+                f"{took}; "
+                f"git {html.escape(str((meta.get('git') or {}).get('commit', ''))[:10])}"
+                f"{' (dirty)' if (meta.get('git') or {}).get('dirty') else ''} — {' · '.join(links)}</p>")
+            if meta.get("error"):
+                parts.append(f"<p class='failed'>cell {meta.get('failed_cell')}: {html.escape(meta['error'])}</p>")
+            for fig in run.figures():
+                frel = fig.relative_to(root).as_posix()
+                parts.append(f"<a href='{frel}'><img src='{frel}' alt='{html.escape(fig.stem)}'></a>")
+            parts.append(_headline(run))
+    parts.append("</body></html>")
+    out = root / "index.html"
+    root.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(parts), encoding="utf-8")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The committed-notebook contract (STYLE §Notebooks), checked by the tests.
+# --------------------------------------------------------------------------------------------
+
+
+def _code_without_magics(src: str) -> str:
+    return "\n".join("" if line.lstrip().startswith(("%", "!")) else line for line in src.splitlines())
+
+
+def notebook_problems(path: str | os.PathLike) -> list[str]:
+    """What breaks the committed-notebook contract; [] when the notebook is clean.
+
+    Checked: nbformat 4; outputs stripped and execution counts null; the first cell is markdown and
+    states the runtime; exactly one `parameters` cell, of literal assignments with a trailing
+    comment each; smoke parameters in the metadata, each declared in the parameters cell; no
+    function, class or lambda definitions anywhere.
+    """
+    nb = _read(path)
+    problems = []
+    if nb.get("nbformat") != 4:
+        problems.append(f"nbformat is {nb.get('nbformat')}, expected 4")
+    cells = nb.get("cells", [])
+    if not cells or cells[0]["cell_type"] != "markdown":
+        problems.append("the first cell must be a markdown header (question, what it writes, runtime)")
+    elif "runtime" not in _source(cells[0]).lower():
+        problems.append("the markdown header does not state the runtime at default parameters")
+    tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if len(tagged) != 1:
+        problems.append(f"expected exactly one cell tagged 'parameters', found {len(tagged)}")
+    for i, cell in enumerate(cells):
+        if cell["cell_type"] != "code":
+            continue
+        if cell.get("outputs"):
+            problems.append(f"cell {i} has outputs (strip them)")
+        if cell.get("execution_count") is not None:
+            problems.append(f"cell {i} has execution_count {cell['execution_count']} (strip it)")
+        try:
+            tree = ast.parse(_code_without_magics(_source(cell)))
+        except SyntaxError as exc:
+            problems.append(f"cell {i} does not parse: {exc}")
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef | ast.Lambda):
+                problems.append(f"cell {i} defines {type(node).__name__} (move it into dplib)")
+    if len(tagged) == 1:
+        problems += _parameters_problems(_source(tagged[0]))
+        declared = set(default_parameters(path)) if not problems else set()
+        smoke = nb.get("metadata", {}).get("dplib", {}).get("smoke")
+        if not isinstance(smoke, dict) or not smoke:
+            problems.append("metadata['dplib']['smoke'] (the smoke parameters) is missing")
+        elif declared and set(smoke) - declared:
+            problems.append(f"smoke parameters {sorted(set(smoke) - declared)} are not in the parameters cell")
+    return problems
+
+
+def _parameters_problems(src: str) -> list[str]:
+    problems = []
+    try:
+        tree = ast.parse(src)
+    except SyntaxError as exc:
+        return [f"the parameters cell does not parse: {exc}"]
+    comment_lines = {tok.start[0] for tok in tokenize.generate_tokens(io.StringIO(src).readline)
+                     if tok.type == tokenize.COMMENT}
+    for node in tree.body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            problems.append(f"parameters cell line {node.lineno}: only `name = literal` assignments belong there")
+            continue
+        try:
+            ast.literal_eval(node.value)
+        except ValueError:
+            problems.append(f"parameters cell: {node.targets[0].id} is not a literal (nothing may be derived there)")
+        if node.end_lineno not in comment_lines:
+            problems.append(f"parameters cell: {node.targets[0].id} has no trailing comment")
+    for name in ("results_dir", "progress"):
+        if name not in {n.targets[0].id for n in tree.body if isinstance(n, ast.Assign)
+                        and isinstance(n.targets[0], ast.Name)}:
+            problems.append(f"parameters cell lacks `{name}`")
+    return problems
+
+
+def open_latest(notebook: str, results_dir: str | os.PathLike = "results") -> Run | None:
+    """The most recently finished run of a notebook, or None."""
+    runs = find_runs(f"{notebook}/*", results_dir)
+    if not runs:
+        return None
+    return open_run(max(runs, key=lambda r: r.meta.get("end") or "").path)

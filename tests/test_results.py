@@ -1,0 +1,125 @@
+"""Run directories: run ids, run.json content, atomic tables and figures, load_runs."""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+from dplib import results  # noqa: E402
+
+
+def test_run_id_is_a_function_of_the_identity_parameters():
+    a = results.run_id_for({"model": "m", "seed": 0, "results_dir": "x", "progress": True})
+    b = results.run_id_for({"seed": 0, "model": "m", "results_dir": "elsewhere", "progress": False})
+    c = results.run_id_for({"model": "m", "seed": 1})
+    assert a == b  # key order and non-identity parameters do not matter
+    assert a != c
+    assert a.startswith("run-") and len(a) == 14
+
+
+def test_stable_hash_handles_dataclasses_tuples_and_numpy():
+    import dataclasses
+
+    import numpy as np
+
+    @dataclasses.dataclass(frozen=True)
+    class Cfg:
+        betas: tuple = (0.9, 0.999)
+        n: int = 3
+
+    assert results.stable_hash(Cfg()) == results.stable_hash({"betas": [0.9, 0.999], "n": 3})
+    assert results.stable_hash({"x": np.int64(3)}) == results.stable_hash({"x": 3})
+
+
+def test_start_run_writes_run_json(tmp_path):
+    params = {"model_name": "tiny", "seed": 3, "results_dir": str(tmp_path)}
+    run = results.start_run("99_test", params, results_dir=tmp_path, device="cpu",
+                            configs={"soft": {"steps": 5}})
+    assert run.path == tmp_path / "99_test" / results.run_id_for(params)
+    meta = json.loads((run.path / "run.json").read_text())
+    assert meta["status"] == "running"
+    assert meta["notebook"] == "99_test" and meta["run_id"] == run.run_id
+    assert meta["parameters"] == params and meta["seeds"] == 3
+    assert meta["configs"] == {"soft": {"steps": 5}}
+    assert meta["versions"]["python"] and meta["versions"]["pandas"] == pd.__version__
+    assert set(meta["git"]) == {"commit", "dirty"}
+    assert meta["device"]["requested"] == "cpu" and meta["device"]["cpu_count"] >= 1
+    assert meta["start"] and meta["end"] is None and meta["attempts"] == 1
+    done = run.finish("success", note="ok")
+    assert done["status"] == "success" and done["end"] and done["duration_s"] >= 0 and done["note"] == "ok"
+
+
+def test_reopening_a_run_keeps_its_start_and_counts_attempts(tmp_path):
+    params = {"a": 1}
+    first = results.start_run("nb", params, results_dir=tmp_path)
+    first.record("sweeps", "main", {"n": 2})
+    start = first.meta["start"]
+    again = results.start_run("nb", params, results_dir=tmp_path)
+    assert again.path == first.path
+    meta = again.meta
+    assert meta["start"] == start and meta["attempts"] == 2 and meta["status"] == "running"
+    assert meta["sweeps"] == {"main": {"n": 2}}  # a resumed run keeps what its sweeps recorded
+
+
+def test_explicit_run_id_and_bad_status(tmp_path):
+    run = results.start_run("nb", {"a": 1}, results_dir=tmp_path, run_id="mine")
+    assert run.run_id == "mine"
+    with pytest.raises(ValueError, match="status"):
+        run.finish("done")
+
+
+def test_tables_figures_and_atomicity(tmp_path):
+    run = results.start_run("nb", {"a": 1}, results_dir=tmp_path)
+    df = pd.DataFrame({"x": [1, 2], "kl_nats": [0.5, 0.25], "text": ["a,b", 'q"uo\rte\x85']})
+    csv = run.save_table(df, "summary", headline=True)
+    pq = run.save_table(df, "trace", "parquet")
+    assert csv.name == "summary.csv" and pq.name == "trace.parquet"
+    pd.testing.assert_frame_equal(run.load_table("summary"), df)
+    pd.testing.assert_frame_equal(run.load_table("trace"), df)
+    assert run.tables() == ["summary", "trace"]
+    assert run.meta["headline_table"] == "tables/summary.csv"
+    fig, ax = plt.subplots()
+    ax.plot([0, 1])
+    png = run.save_figure(fig, "line")
+    plt.close(fig)
+    assert png.exists() and png.stat().st_size > 0 and run.figures() == [png]
+    leftovers = [p.name for p in run.path.rglob(".*tmp*")]
+    assert leftovers == []  # no temporary files left behind
+    with pytest.raises(FileNotFoundError, match="no table"):
+        run.load_table("missing")
+    with pytest.raises(ValueError, match="csv"):
+        run.save_table(df, "bad", "xlsx")
+
+
+def test_load_runs_concatenates_with_metadata(tmp_path):
+    for seed in (0, 1):
+        run = results.start_run("01_sweep", {"seed": seed, "sizes": [1, 2]}, results_dir=tmp_path)
+        run.save_table(pd.DataFrame({"target_id": ["a", "b"], "kl_nats": [seed, seed + 0.5]}), "results")
+        run.finish("success" if seed == 0 else "failed")
+    other = results.start_run("02_other", {"seed": 0}, results_dir=tmp_path)
+    other.save_table(pd.DataFrame({"target_id": ["c"], "kl_nats": [9.0]}), "results")
+
+    df = results.load_runs("01_sweep/*", "results", results_dir=tmp_path)
+    assert len(df) == 4
+    assert set(df["notebook"]) == {"01_sweep"} and df["run_id"].nunique() == 2
+    assert sorted(df["param_seed"].unique()) == [0, 1]
+    assert set(df["param_sizes"]) == {"[1, 2]"}
+    assert set(df["run_status"]) == {"success", "failed"}
+    assert "git_commit" in df
+    assert len(results.load_runs("*/*", "results", results_dir=tmp_path)) == 5
+    assert len(results.load_runs("*/*", "results", results_dir=tmp_path, status="success")) == 2
+    assert results.load_runs("*/*", "nothing", results_dir=tmp_path).empty
+    runs = results.runs_frame(results_dir=tmp_path)
+    assert len(runs) == 3 and set(runs["status"]) == {"success", "failed", "running"}
+
+
+def test_open_run_requires_run_json(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run.json"):
+        results.open_run(tmp_path)
