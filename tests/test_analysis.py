@@ -1,0 +1,190 @@
+"""The comparison tables of notebooks 02–05 (dplib.analysis): matched differences, paired
+comparisons, the projection rows, and the bottleneck hierarchy. Small hand-made tables whose
+answers are known; bin_summary / top_tokens are tested in test_plotting.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dplib import analysis
+
+# ---- matched_difference ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def grid_table():
+    """Vanilla at entropies 1, 2, 3, 4 (KL = h + noise); group "out" only at 2 and 3 (KL = h − 0.5)."""
+    rows = []
+    for h in (1.0, 2.0, 3.0, 4.0):
+        for r, eps in enumerate((-0.1, 0.0, 0.1)):
+            rows.append({"group": "vanilla", "requested_entropy_nats": h, "kl_nats": h + eps, "rep": r})
+    for h in (2.0, 3.0):
+        for r, eps in enumerate((-0.2, 0.2)):
+            rows.append({"group": "out", "requested_entropy_nats": h, "kl_nats": h - 0.5 + eps, "rep": r})
+    return pd.DataFrame(rows)
+
+
+def test_matched_difference_uses_only_matched_strata(grid_table):
+    out = analysis.matched_difference(grid_table, column="group", baseline="vanilla", bins=[0.0, 5.0])
+    (row,) = out.to_dict("records")
+    # only h = 2 and 3 count: the vanilla rows at 1 and 4 (which would shift the mean) are left out
+    assert row["n_strata"] == 2 and row["n"] == 4 and row["n_baseline"] == 6
+    assert row["mean_baseline"] == pytest.approx(2.5) and row["mean"] == pytest.approx(2.0)
+    assert row["diff"] == pytest.approx(0.5)
+    # sem = sqrt(Σ_s var_b/n_b + var_g/n_g) / S with var_b = 0.01, var_g = 0.08
+    assert row["sem"] == pytest.approx(np.sqrt(2 * (0.01 / 3 + 0.08 / 2)) / 2)
+    assert row["ci_low"] < row["diff"] < row["ci_high"]
+    again = analysis.matched_difference(grid_table, column="group", baseline="vanilla", bins=[0.0, 5.0])
+    pd.testing.assert_frame_equal(out, again)  # seeded bootstrap
+
+
+def test_matched_difference_bins_groups_and_by(grid_table):
+    out = analysis.matched_difference(grid_table, column="group", baseline="vanilla", bins=[0.0, 2.5, 5.0])
+    assert out["bin_left"].tolist() == [0.0, 2.5] and out["n_strata"].tolist() == [1, 1]
+    assert out["diff"].tolist() == pytest.approx([0.5, 0.5])
+    two = pd.concat([grid_table.assign(model="a"), grid_table.assign(model="b", kl_nats=grid_table.kl_nats * 2)])
+    out = analysis.matched_difference(two, column="group", baseline="vanilla", by=["model"], bins=[0.0, 5.0])
+    assert out["model"].tolist() == ["a", "b"] and out["diff"].tolist() == pytest.approx([0.5, 1.0])
+    with pytest.raises(KeyError, match="not in the table"):
+        analysis.matched_difference(grid_table, column="nope", baseline="vanilla")
+
+
+def test_matched_difference_single_row_strata_have_nan_sem(grid_table):
+    one = grid_table.drop_duplicates(["group", "requested_entropy_nats"])
+    out = analysis.matched_difference(one, column="group", baseline="vanilla", bins=[0.0, 5.0])
+    assert np.isnan(out["sem"]).all() and out["ci_low"].iloc[0] == pytest.approx(out["ci_high"].iloc[0])
+
+
+# ---- paired_comparison, group_summary, with_projection ---------------------------------------
+
+
+@pytest.fixture
+def methods_table():
+    rng = np.random.default_rng(0)
+    soft = rng.uniform(1.0, 2.0, 20)
+    rows = [{"target_id": f"t{i}", "method": "soft", "L": 5, "kl_nats": s} for i, s in enumerate(soft)]
+    rows += [{"target_id": f"t{i}", "method": "hard", "L": 5, "kl_nats": s + 1.0} for i, s in enumerate(soft)]
+    rows += [{"target_id": f"t{i}", "method": "half", "L": 5, "kl_nats": s / 2} for i, s in enumerate(soft)]
+    return pd.DataFrame(rows)
+
+
+def test_paired_comparison_gap_and_relative_reduction(methods_table):
+    out = analysis.paired_comparison(methods_table, column="method", control="soft").set_index("method")
+    assert list(out.index) == ["hard", "half"]
+    assert out.loc["hard", "gap"] == pytest.approx(1.0) and out.loc["hard", "gap_sem"] == pytest.approx(0.0)
+    assert out.loc["hard", "frac_lower"] == 0.0 and out.loc["half", "frac_lower"] == 1.0
+    assert out.loc["half", "relative_reduction"] == pytest.approx(0.5)
+    assert out.loc["half", "rr_ci_low"] == pytest.approx(0.5) and out.loc["half", "rr_ci_high"] == pytest.approx(0.5)
+    assert out.loc["hard", "n"] == 20 and out.loc["hard", "control"] == "soft"
+    assert out.loc["half", "gap_ci_low"] <= out.loc["half", "gap"] <= out.loc["half", "gap_ci_high"]
+
+
+def test_paired_comparison_pairs_only_complete_pairs_and_by(methods_table):
+    part = methods_table[~((methods_table.method == "hard") & (methods_table.target_id.isin(["t0", "t1"])))]
+    out = analysis.paired_comparison(part, column="method", control="soft", treatments="hard")
+    assert out["n"].tolist() == [18]
+    two = pd.concat([methods_table, methods_table.assign(L=10, kl_nats=methods_table.kl_nats * 3)])
+    out = analysis.paired_comparison(two, column="method", control="soft", treatments=["hard"], by=["L"])
+    assert out["L"].tolist() == [5, 10] and out["gap"].tolist() == pytest.approx([1.0, 3.0])
+    with pytest.raises(ValueError, match="repeat"):
+        analysis.paired_comparison(two, column="method", control="soft")  # L not in by: pairs repeat
+
+
+def test_paired_comparison_with_a_pair_column():
+    """LM targets against their own entropy-matched random controls (different target ids)."""
+    df = pd.DataFrame({"source": ["own", "own", "random", "random"], "pair_id": ["a", "b", "a", "b"],
+                       "target_id": ["a", "b", "ra", "rb"], "kl_nats": [1.0, 2.0, 4.0, 2.0]})
+    out = analysis.paired_comparison(df, column="source", control="random", pair="pair_id")
+    assert out["relative_reduction"].iloc[0] == pytest.approx(1 - 1.5 / 3.0)
+    assert out["gap"].iloc[0] == pytest.approx(-1.5) and out["frac_lower"].iloc[0] == 0.5
+
+
+def test_group_summary(methods_table):
+    out = analysis.group_summary(methods_table, by=["method", "L"])
+    assert out["method"].tolist() == ["half", "hard", "soft"] and (out["n"] == 20).all()
+    soft = methods_table[methods_table.method == "soft"]["kl_nats"]
+    row = out.set_index("method").loc["soft"]
+    assert row["mean"] == pytest.approx(soft.mean()) and row["sem"] == pytest.approx(soft.std() / np.sqrt(20))
+    assert row["ci_low"] < row["mean"] < row["ci_high"]
+
+
+def test_with_projection_adds_projected_rows():
+    df = pd.DataFrame({"target_id": ["a", "b", "a"], "method": ["soft", "soft", "free_bound"],
+                       "variant": ["soft_L5", "soft_L5", "free_bound"], "is_bound": [False, False, True],
+                       "kl_nats": [1.0, 2.0, 0.5], "projected_kl_nats": [3.0, np.nan, np.nan]})
+    out = analysis.with_projection(df)
+    assert len(out) == 4
+    new = out.iloc[3]
+    assert (new["method"], new["variant"], new["kl_nats"], new["target_id"]) == ("soft_projected",
+                                                                                "soft_projected_L5", 3.0, "a")
+    assert not new["is_bound"]
+    pd.testing.assert_frame_equal(out.iloc[:3], df)
+
+
+# ---- the hierarchy ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def levels_table():
+    """Three targets; t2 lacks hard; t1 has soft below layer_bound (a violation of 0.2 nats)."""
+    kl = {"t0": [0.1, 0.2, 0.4, 0.8, 1.6], "t1": [0.1, 0.3, 0.6, 0.4, 2.0], "t2": [1.0, 1.0, 1.5, 2.0, None]}
+    rows = []
+    for i, (t, values) in enumerate(kl.items()):
+        for level, v in zip(analysis.HIERARCHY, values, strict=True):
+            if v is not None:
+                rows.append({"target_id": t, "kind": "vanilla", "entropy_nats": float(i), "method": level,
+                             "kl_nats": v})
+    return pd.DataFrame(rows)
+
+
+def test_hierarchy_parts_sum_to_the_top_level(levels_table):
+    wide = analysis.hierarchy(levels_table).set_index("target_id")
+    assert wide.loc["t0", "part_free_bound"] == pytest.approx(0.1)
+    assert wide.loc["t0", "part_hard"] == pytest.approx(0.8)
+    assert wide.loc["t1", "part_soft"] == pytest.approx(-0.2)  # a violation stays visible
+    assert np.isnan(wide.loc["t2", "hard"]) and np.isnan(wide.loc["t2", "part_hard"])
+    parts = wide[[f"part_{lv}" for lv in analysis.HIERARCHY]].sum(axis=1, skipna=True)
+    assert parts.tolist() == pytest.approx([1.6, 2.0, 2.0])
+    assert wide["n_levels"].tolist() == [5, 5, 4] and wide.loc["t2", "kind"] == "vanilla"
+
+
+def test_hierarchy_skips_a_missing_level_and_rejects_duplicates(levels_table):
+    no_norm = levels_table[~((levels_table.target_id == "t0") & (levels_table.method == "norm_bound"))]
+    wide = analysis.hierarchy(no_norm).set_index("target_id")
+    assert wide.loc["t0", "part_layer_bound"] == pytest.approx(0.3)  # relative to free_bound, the level below
+    with pytest.raises(ValueError, match="several rows"):
+        analysis.hierarchy(pd.concat([levels_table, levels_table.iloc[:1]]))
+
+
+def test_ordering_violations(levels_table):
+    wide = analysis.hierarchy(levels_table)
+    out = analysis.ordering_violations(wide).set_index("lower")
+    assert out.loc["layer_bound", "upper"] == "soft"
+    assert out.loc["layer_bound", "n_violations"] == 1 and out.loc["layer_bound", "max_excess_nats"] == pytest.approx(0.2)
+    assert out.loc["soft", "n"] == 2 and out["n_violations"].sum() == 1
+    assert analysis.ordering_violations(wide, tol=0.5)["n_violations"].sum() == 0
+
+
+def test_hierarchy_parts_and_ratio_of_means(levels_table):
+    wide = analysis.hierarchy(levels_table)
+    parts = analysis.hierarchy_parts(wide, bins=[0.0, 3.0])
+    assert parts["level"].tolist() == list(analysis.HIERARCHY)
+    assert parts["n"].tolist() == [3, 3, 3, 3, 2]
+    soft_top = parts.set_index("level").loc["soft", "top"]
+    assert soft_top == pytest.approx(np.mean([0.8, 0.4, 2.0]))  # the running sum = mean soft KL
+    share = analysis.ratio_of_means(wide, "free_bound", "soft", bins=[0.0, 1.5, 3.0])
+    assert share["n"].tolist() == [2, 1]
+    assert share["ratio"].tolist() == pytest.approx([0.2 / 1.2, 0.5])
+    assert (share["ci_low"] <= share["ratio"] + 1e-12).all()
+    overall = analysis.ratio_of_means(wide, "free_bound", "soft", bins=None)
+    assert overall["ratio"].tolist() == pytest.approx([1.2 / 3.2]) and overall["n"].tolist() == [3]
+
+
+def test_target_group_labels():
+    df = pd.DataFrame({"kind": ["vanilla", "outlier", "outlier", "lm"], "k": [np.nan, 3.0, 10.0, np.nan],
+                       "mass": [np.nan, 0.5, 0.2, np.nan]})
+    assert analysis.target_group(df).tolist() == ["vanilla", "outlier k=3 m=0.5", "outlier k=10 m=0.2", "lm"]
+    assert analysis.target_group(df[["kind"]]).tolist() == ["vanilla", "outlier", "outlier", "lm"]
+    assert analysis.target_group(df, {"mass": "mass"}).tolist()[1] == "outlier mass=0.5"
