@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    print(f"{'model':<14} {'cold_s':>8} {'warm_s (median of %d)' % args.repeats:>24}  (fresh process each; import included)")
+    print(f"{'model':<14} {'cold_s':>8} {f'warm_s (median of {args.repeats})':>24}  (fresh process each; import included)")
     for name in args.models:
         with tempfile.TemporaryDirectory() as cache:
             cold, hit = load_once(name, cache)

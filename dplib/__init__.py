@@ -4,8 +4,15 @@ The public API, re-exported: `load_model`, `list_models`, `Targets`, the modules
 `metrics`, `optim` (and, where present, `runner`, `results`, `plotting`).
 """
 
-from . import metrics, targets
-from .models import ModelLoadError, list_models, load_model, resolve_device, resolve_dtype, tiny_model
+from . import metrics, optim, targets
+from .models import (
+    ModelLoadError,
+    list_models,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+    tiny_model,
+)
 from .seeds import derive_seed, seed_everything
 from .targets import TargetError, Targets, logits_width
 
@@ -13,6 +20,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ModelLoadError", "TargetError", "Targets", "derive_seed", "list_models", "load_model",
-    "logits_width", "metrics", "resolve_device", "resolve_dtype", "seed_everything", "targets",
+    "logits_width", "metrics", "optim", "resolve_device", "resolve_dtype", "seed_everything", "targets",
     "tiny_model",
 ]

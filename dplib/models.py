@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -113,7 +112,7 @@ def _require_package(entry: EmbeddedModel) -> Path:
     return pkg
 
 
-def _embedded_source(entry: EmbeddedModel) -> tuple[str, "callable"]:
+def _embedded_source(entry: EmbeddedModel) -> tuple[str, callable]:
     """Return (cache key, function that yields a path to the GGUF file in a given scratch dir)."""
     pkg = _require_package(entry)
     if entry.name == "smollm2-135m":
@@ -355,6 +354,7 @@ TINY_SPECIAL_TOKENS = ["<bos>", "<eos>", "<pad>"]
 @lru_cache(maxsize=8)
 def _tiny_tokenizer_json(vocab_size: int) -> str:
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     text = [topics[k] for k in sorted(topics)][:60]  # a fixed slice of Python's own docs, in the stdlib

@@ -184,7 +184,7 @@ def test_gemma3_loads_with_full_logits_width(gemma3):
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
 def test_second_load_in_a_fresh_process_hits_the_cache(name, smollm2, gemma3):
     # the fixtures made sure the entries exist; a new interpreter must read them, not convert
-    code = ("import json, dplib; m, t = dplib.load_model(%r, device='cpu'); print(json.dumps(m.dplib_source))" % name)
+    code = (f"import json, dplib; m, t = dplib.load_model({name!r}, device='cpu'); print(json.dumps(m.dplib_source))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     source = json.loads(out.stdout.strip().splitlines()[-1])
     assert source["cache_hit"] is True and source["kind"] == "embedded"

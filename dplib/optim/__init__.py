@@ -5,6 +5,28 @@ progress=True) -> Result`, optimises all T targets as one batch, and reads logit
 position only.
 """
 
+from .bound import BoundConfig, LayerBoundConfig, free_bound, layer_bound, norm_bound
 from .common import BestTracker, OutputLayer, Result, next_token_logprobs, output_layer
+from .hard import HardConfig, optimize_hard, score_prompt_text
+from .soft import SoftConfig, optimize_soft
 
-__all__ = ["BestTracker", "OutputLayer", "Result", "next_token_logprobs", "output_layer"]
+# The runner looks methods up by name (the name becomes the `method` column) and builds their
+# configs with CONFIGS[name](**params). Adding a method is one line in each dict.
+METHODS = {
+    "soft": optimize_soft,
+    "hard": optimize_hard,
+    "free_bound": free_bound,
+    "norm_bound": norm_bound,
+    "layer_bound": layer_bound,
+}
+CONFIGS = {
+    "soft": SoftConfig,
+    "hard": HardConfig,
+    "free_bound": BoundConfig,
+    "norm_bound": BoundConfig,
+    "layer_bound": LayerBoundConfig,
+}
+
+__all__ = ["CONFIGS", "METHODS", "BestTracker", "BoundConfig", "LayerBoundConfig", "OutputLayer", "Result",
+           "SoftConfig", "HardConfig", "optimize_hard", "score_prompt_text", "free_bound", "layer_bound",
+           "next_token_logprobs", "norm_bound", "optimize_soft", "output_layer"]

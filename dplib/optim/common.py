@@ -16,7 +16,6 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-
 # --------------------------------------------------------------------------------------------
 # The model's output layer, read from the model itself.
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,443 @@
+"""Soft prompts: L free vectors in the input-embedding space per target, optimised with Adam.
+
+All T targets run as one batch (row t holds target t's own L vectors); the loss is the sum of the
+per-target KLs, and since Adam is per-parameter the rows never interact: a batch gives the same
+per-target results as T separate runs, up to float rounding. Logits are read at the last position
+only, through `common.next_token_logprobs` (the model body, then the head as one 2-D matmul).
+
+Shortcuts and choices, stated once:
+- Each target's initialisation is drawn from its own generator, seeded by
+  `derive_seed(config.seed, target_id)`, so it does not depend on which other targets share the batch.
+- A target that stops early (`patience`) is dropped from the batch — its rows are sliced out of the
+  parameter and of Adam's moments — so it cannot change any more and costs nothing afterwards.
+- Prompts are float32 parameters whatever the model's dtype; they are cast to the model's dtype
+  for the forward pass (bfloat16 on CUDA). Log-softmax and KL are float32.
+- Large T is split into chunks of `max_batch` targets, run one after the other.
+- The prompt vectors can also be injected after decoder layer ℓ instead of at the input (a forward
+  hook replaces the residual stream at the prompt positions); `bound.layer_bound` uses that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..seeds import derive_seed, generator
+from ..targets import Targets, logits_width
+from .common import (
+    BestTracker,
+    Result,
+    allowed_tokens,
+    body,
+    embed,
+    kl_from_logprobs,
+    last_hidden,
+    output_layer,
+)
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = ("constant", "cosine")
+INITS = ("vocab", "gaussian")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True)
+class PromptVectorsConfig:
+    """The knobs shared by `SoftConfig` and `bound.LayerBoundConfig` (L vectors trained with Adam)."""
+
+    prompt_length: int = 5  # L, trainable vectors per target
+    steps: int = 300  # Adam steps; the prompt is evaluated steps + 1 times (the last one only scored)
+    lr: float = 0.01  # Adam learning rate, in embedding units (SmolLM2 embedding entries have RMS ≈ 0.14)
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam betas
+    eps: float = 1e-8  # Adam epsilon
+    schedule: str = "constant"  # "constant" or "cosine" (lr decays to 0 at the last step)
+    patience: int = 0  # stop a target after this many steps without improvement; 0 = never stop early
+    min_delta: float = 0.0  # nats; an improvement must beat the best by more than this to count
+    init: str = "vocab"  # "vocab": embeddings of random allowed tokens; "gaussian": N(mean, std) of them
+    prefix: str = "bos"  # fixed text before the prompt; "bos" = the model's BOS token (none if it has none)
+    suffix: str = ""  # fixed text after the prompt (the next token is predicted after it)
+    seed: int = 0  # base seed; each target's init uses derive_seed(seed, target_id)
+    max_batch: int = 64  # targets per chunk (memory bound); 0 = all targets in one chunk
+
+    def __post_init__(self):
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        _check(_is_int(self.prompt_length) and self.prompt_length >= 1,
+               f"prompt_length={self.prompt_length!r}: use an integer ≥ 1 (the number of soft vectors).")
+        _check(_is_int(self.steps) and self.steps >= 0,
+               f"steps={self.steps!r}: use an integer ≥ 0 (0 only scores the initial prompt).")
+        _check(isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0,
+               f"lr={self.lr!r}: use a finite learning rate > 0, e.g. 0.01.")
+        _check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+               f"betas={self.betas!r}: use two numbers in [0, 1), e.g. (0.9, 0.999).")
+        _check(isinstance(self.eps, (int, float)) and self.eps > 0, f"eps={self.eps!r}: use a number > 0, e.g. 1e-8.")
+        _check(self.schedule in SCHEDULES, f"schedule={self.schedule!r}: use one of {SCHEDULES}.")
+        _check(_is_int(self.patience) and self.patience >= 0,
+               f"patience={self.patience!r}: use an integer ≥ 0 (0 turns early stopping off).")
+        _check(isinstance(self.min_delta, (int, float)) and self.min_delta >= 0,
+               f"min_delta={self.min_delta!r}: use a number of nats ≥ 0.")
+        _check(self.init in INITS, f"init={self.init!r}: use one of {INITS}.")
+        _check(isinstance(self.prefix, str), f"prefix={self.prefix!r}: use a string ('bos', '' or any text).")
+        _check(isinstance(self.suffix, str), f"suffix={self.suffix!r}: use a string ('' or any text).")
+        _check(_is_int(self.seed) and self.seed >= 0, f"seed={self.seed!r}: use an integer ≥ 0.")
+        _check(_is_int(self.max_batch) and self.max_batch >= 0,
+               f"max_batch={self.max_batch!r}: use an integer ≥ 1, or 0 for one chunk of all targets.")
+
+
+@dataclass(frozen=True)
+class SoftConfig(PromptVectorsConfig):
+    """Every knob of `optimize_soft`, with its default. Plain values only (written to run metadata)."""
+
+    project: bool = True  # also project the best prompts onto the nearest real tokens and score them
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(isinstance(self.project, bool), f"project={self.project!r}: use True or False.")
+
+
+# --------------------------------------------------------------------------------------------
+# Fixed context: prefix and suffix ids.
+# --------------------------------------------------------------------------------------------
+
+
+def bos_id(model, tokenizer) -> int | None:
+    """The model's BOS token id (tokenizer first, then the model config), or None."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        bos = getattr(model.config, "bos_token_id", None)
+    return None if bos is None else int(bos)
+
+
+def context_ids(model, tokenizer, prefix: str, suffix: str) -> tuple[list[int], list[int]]:
+    """Token ids of the fixed prefix ("bos" = the BOS token, where the model has one) and suffix."""
+    if prefix == "bos":
+        bos = bos_id(model, tokenizer)
+        prefix_ids = [] if bos is None else [bos]
+    else:
+        prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+    suffix_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
+    return list(prefix_ids), list(suffix_ids)
+
+
+# --------------------------------------------------------------------------------------------
+# The engine: (T, L, d) float32 vectors at the prompt positions, Adam, best tracking.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Setup:
+    """What one call needs besides the config: fixed context, head, device."""
+
+    model: object
+    device: torch.device
+    dtype: torch.dtype
+    head: object
+    prefix: Tensor  # (1, P, d_model) model dtype
+    suffix: Tensor  # (1, S, d_model) model dtype
+    layer: int | None  # None: vectors are input embeddings; else they replace the output of layer `layer`
+
+
+def _setup(model, prefix_ids: list[int], suffix_ids: list[int], layer: int | None = None) -> _Setup:
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    with torch.no_grad():
+        prefix = embed(model, torch.tensor([prefix_ids], dtype=torch.long, device=device)).to(dtype)
+        suffix = embed(model, torch.tensor([suffix_ids], dtype=torch.long, device=device)).to(dtype)
+    return _Setup(model, device, dtype, output_layer(model), prefix, suffix, layer)
+
+
+class _Inject:
+    """Forward hook on a decoder layer: replace the residual stream at the prompt positions."""
+
+    def __init__(self, start: int, length: int):
+        self.start, self.length, self.vectors = start, length, None
+
+    def __call__(self, module, args, output):
+        if self.vectors is None:
+            return output
+        hidden = output[0] if isinstance(output, tuple) else output
+        s, e = self.start, self.start + self.length
+        hidden = torch.cat([hidden[:, :s], self.vectors.to(hidden.dtype), hidden[:, e:]], dim=1)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+def _logprobs(setup: _Setup, vectors: Tensor, placeholder: Tensor | None = None,
+              hook: _Inject | None = None) -> Tensor:
+    """(A, L, d) float32 prompt vectors → (A, vocab) float32 next-token log-probabilities.
+
+    At the input (layer None) the vectors are the prompt's embeddings; with a layer hook the input
+    at the prompt positions is `placeholder` and the hook swaps the vectors in after that layer.
+    """
+    n = vectors.shape[0]
+    middle = vectors.to(setup.dtype) if hook is None else placeholder
+    x = torch.cat([setup.prefix.expand(n, -1, -1), middle, setup.suffix.expand(n, -1, -1)], dim=1)
+    if hook is not None:
+        hook.vectors = vectors
+    try:
+        hidden = last_hidden(setup.model, x)
+    finally:
+        if hook is not None:
+            hook.vectors = None
+    return torch.log_softmax(setup.head.logits(hidden), dim=-1)
+
+
+def _compact(param: Tensor, opt: torch.optim.Adam, keep: Tensor) -> tuple[Tensor, torch.optim.Adam]:
+    """Drop the rows of stopped targets from the parameter and from Adam's moments."""
+    new = param.detach()[keep].clone().requires_grad_(True)
+    new_opt = torch.optim.Adam([new], **{k: v for k, v in opt.param_groups[0].items() if k in ("lr", "betas", "eps")})
+    state = opt.state.get(param)
+    if state:
+        new_opt.state[new] = {"step": state["step"].clone(), "exp_avg": state["exp_avg"][keep].clone(),
+                              "exp_avg_sq": state["exp_avg_sq"][keep].clone()}
+    return new, new_opt
+
+
+def _lr_at(config, step: int) -> float:
+    if config.schedule == "cosine" and config.steps > 0:
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * step / config.steps))
+    return config.lr
+
+
+def _optimize_chunk(setup: _Setup, target_probs: Tensor, init: Tensor, config, bar,
+                    placeholder: Tensor | None = None, row_scale: Tensor | None = None) -> dict:
+    """Optimise one chunk of C targets. `init` (C, L, d) float32 on the device.
+
+    `row_scale` (C, 1, 1): the trained parameter is vectors / row_scale, so Adam's step is relative
+    to each row's scale (used at hidden layers, whose residual norms differ by layer and model).
+    Returns best KL, best vectors, best log-probs, initial KL, steps, trace (all on CPU).
+    """
+    n = init.shape[0]
+    device = setup.device
+    scale = torch.ones(n, 1, 1, device=device) if row_scale is None else row_scale
+    hook = None
+    handle = None
+    if setup.layer is not None:
+        hook = _Inject(setup.prefix.shape[1], init.shape[1])
+        handle = body(setup.model).layers[setup.layer].register_forward_hook(hook)
+    try:
+        tracker = BestTracker(n, config.patience, config.min_delta, device=device)
+        best_vectors = init.clone()
+        best_logprobs = torch.empty(n, setup.head.weight.shape[0], device=device)
+        trace = torch.full((config.steps + 1, n), math.nan, device=device)
+        rows = torch.arange(n, device=device)  # chunk rows still in the batch
+        param = (init / scale).clone().requires_grad_(True)
+        opt = torch.optim.Adam([param], lr=config.lr, betas=config.betas, eps=config.eps)
+        for step in range(config.steps + 1):
+            last = step == config.steps
+            with torch.set_grad_enabled(not last):
+                vectors = param * scale[rows]
+                model_logprobs = _logprobs(setup, vectors, None if placeholder is None else placeholder[rows], hook)
+                kl = kl_from_logprobs(target_probs[rows], model_logprobs)
+            full = torch.full((n,), math.inf, device=device)
+            full[rows] = kl.detach()
+            improved = tracker.update(full, step)[rows]
+            trace[step, rows] = kl.detach()
+            if improved.any():
+                best_vectors[rows[improved]] = vectors.detach()[improved]
+                best_logprobs[rows[improved]] = model_logprobs.detach()[improved]
+            bar.update(1)
+            if last or tracker.done:
+                break
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(config, step)
+            kl.sum().backward()  # rows are independent: the sum's gradient is each row's own gradient
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            keep = tracker.active[rows]
+            if not bool(keep.all()):
+                param, opt = _compact(param, opt, keep)
+                rows = rows[keep]
+        if tracker.done:
+            bar.update(config.steps - step)
+    finally:
+        if handle is not None:
+            handle.remove()
+    return {"kl": tracker.best.cpu(), "vectors": best_vectors.cpu(), "logprobs": best_logprobs.cpu(),
+            "initial_kl": trace[0].cpu(), "steps": tracker.steps.cpu(), "trace": trace.cpu()}
+
+
+def _init_ids(model, tokenizer, target_ids: list[str], config) -> Tensor:
+    """(T, L) random allowed token ids, each target from its own seeded generator (CPU)."""
+    allowed = allowed_tokens(tokenizer, logits_width(model)).nonzero().flatten()
+    rows = []
+    for tid in target_ids:
+        g = generator(derive_seed(config.seed, tid, "init"))
+        rows.append(allowed[torch.randint(len(allowed), (config.prompt_length,), generator=g)])
+    return torch.stack(rows)
+
+
+def _init_vectors(model, tokenizer, target_ids: list[str], config) -> tuple[Tensor, Tensor]:
+    """(T, L, d) float32 initial vectors on CPU, and the (T, L) token ids they came from.
+
+    "vocab": the embedding-module outputs of random allowed tokens (Gemma's √d scaling included).
+    "gaussian": per-dimension Normal with the mean and std of all allowed tokens' embeddings.
+    """
+    ids = _init_ids(model, tokenizer, target_ids, config)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        vectors = embed(model, ids.to(device)).float().cpu()
+        if config.init == "gaussian":
+            allowed = allowed_tokens(tokenizer, logits_width(model)).nonzero().flatten()
+            mean, sq, count = 0.0, 0.0, 0
+            for chunk in allowed.split(8192):
+                e = embed(model, chunk.to(device)).double().cpu()
+                mean, sq, count = mean + e.sum(0), sq + (e * e).sum(0), count + len(chunk)
+            mean = mean / count
+            std = (sq / count - mean**2).clamp_min(0).sqrt()
+            noise = []
+            for tid in target_ids:
+                g = generator(derive_seed(config.seed, tid, "gaussian"))
+                noise.append(torch.randn(config.prompt_length, len(mean), generator=g, dtype=torch.float64))
+            vectors = (mean + std * torch.stack(noise)).float()
+    return vectors, ids
+
+
+def run_vectors(model, tokenizer, targets: Targets, config, *, method: str, layer: int | None = None,
+                progress: bool = True) -> tuple[dict, _Setup, Tensor, float]:
+    """The shared loop of `optimize_soft` and `bound.layer_bound`, chunk by chunk.
+
+    Returns (merged chunk outputs, setup, initial token ids (T, L), start time).
+    """
+    targets.check_width(model)  # before any compute
+    start = time.perf_counter()
+    prefix_ids, suffix_ids = context_ids(model, tokenizer, config.prefix, config.suffix)
+    setup = _setup(model, prefix_ids, suffix_ids, layer)
+    init, init_ids = _init_vectors(model, tokenizer, targets.ids, config)
+    n = len(targets)
+    chunk = config.max_batch or n
+    parts = []
+    bar = tqdm(total=(config.steps + 1) * math.ceil(n / chunk), desc=method, disable=not progress, leave=False)
+    try:
+        for lo in range(0, n, chunk):
+            sl = slice(lo, min(n, lo + chunk))
+            probs = targets.probs[sl].to(setup.device, torch.float32)
+            vectors = init[sl].to(setup.device)
+            placeholder = scale = None
+            if layer is not None:
+                placeholder = vectors.to(setup.dtype)
+                vectors = _residual_after(setup, placeholder)
+                scale = vectors.pow(2).mean(dim=(1, 2), keepdim=True).sqrt().clamp_min(1e-6)
+            parts.append(_optimize_chunk(setup, probs, vectors, config, bar, placeholder, scale))
+    finally:
+        bar.close()
+    merged = {k: torch.cat([p[k] for p in parts], dim=1 if k == "trace" else 0) for k in parts[0]}
+    merged["n_chunks"] = len(parts)
+    return merged, setup, init_ids, start
+
+
+def _residual_after(setup: _Setup, placeholder: Tensor) -> Tensor:
+    """(A, L, d) float32 residual stream after `setup.layer` at the prompt positions, for these inputs."""
+    captured = {}
+    p, length = setup.prefix.shape[1], placeholder.shape[1]
+
+    def grab(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        captured["h"] = hidden[:, p:p + length].float()
+
+    handle = body(setup.model).layers[setup.layer].register_forward_hook(grab)
+    try:
+        with torch.no_grad():
+            n = placeholder.shape[0]
+            x = torch.cat([setup.prefix.expand(n, -1, -1), placeholder, setup.suffix.expand(n, -1, -1)], dim=1)
+            body(setup.model)(inputs_embeds=x, use_cache=False)
+    finally:
+        handle.remove()
+    return captured["h"].contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# Projection onto real tokens.
+# --------------------------------------------------------------------------------------------
+
+
+def nearest_tokens(model, vectors: Tensor, allowed: Tensor, *, chunk: int = 8192) -> Tensor:
+    """(..., d) float32 vectors → (...,) ids of the nearest allowed tokens (L2, embedding-module space).
+
+    The vocabulary is embedded in chunks of `chunk` rows, so Gemma's 262k × 640 table is never
+    materialised in float32 at once.
+    """
+    device = next(model.parameters()).device
+    flat = vectors.reshape(-1, vectors.shape[-1]).to(device, torch.float32)
+    best_d = torch.full((flat.shape[0],), math.inf, device=device)
+    best_id = torch.zeros(flat.shape[0], dtype=torch.long, device=device)
+    allowed = allowed.to(device)
+    with torch.no_grad():
+        for lo in range(0, len(allowed), chunk):
+            ids = torch.arange(lo, min(len(allowed), lo + chunk), device=device)
+            e = embed(model, ids).float()  # (c, d)
+            d2 = (e * e).sum(-1)[None, :] - 2 * flat @ e.T  # ‖x‖² is the same for every token: left out
+            d2[:, ~allowed[ids]] = math.inf
+            value, idx = d2.min(dim=1)
+            better = value < best_d
+            best_d = torch.where(better, value, best_d)
+            best_id = torch.where(better, ids[idx], best_id)
+    return best_id.reshape(vectors.shape[:-1]).cpu()
+
+
+def _project(setup: _Setup, tokenizer, targets: Targets, vectors: Tensor, config) -> tuple[Tensor, list[str], Tensor]:
+    """Nearest-token projection of the best prompts and the KL those hard prompts reach."""
+    allowed = allowed_tokens(tokenizer, logits_width(setup.model))
+    ids = nearest_tokens(setup.model, vectors, allowed)
+    chunk = config.max_batch or len(ids)
+    kls = []
+    with torch.no_grad():
+        for lo in range(0, len(ids), chunk):
+            sl = slice(lo, lo + chunk)
+            hard = embed(setup.model, ids[sl].to(setup.device)).float()
+            lp = _logprobs(setup, hard)
+            kls.append(kl_from_logprobs(targets.probs[sl].to(setup.device), lp).cpu())
+    text = [tokenizer.decode(row.tolist()) for row in ids]
+    return ids, text, torch.cat(kls)
+
+
+# --------------------------------------------------------------------------------------------
+# The public entry point.
+# --------------------------------------------------------------------------------------------
+
+
+def optimize_soft(model, tokenizer, targets: Targets, config: SoftConfig | None = None, *,
+                  progress: bool = True) -> Result:
+    """Find, for each of T targets, L soft input vectors whose next-token distribution is closest.
+
+    Args:
+        model, tokenizer: a frozen causal LM (`load_model`); device and dtype are the model's.
+        targets: T targets over the model's logits width (checked before any compute).
+        config: `SoftConfig` (defaults if None).
+        progress: show a tqdm bar.
+
+    Returns:
+        Result with method "soft": kl (T,) best KL in nats, initial_kl (T,), logprobs (T, vocab) at
+        the best prompt, steps (T,), trace (steps + 1, T) (row 0 = the initial prompt; NaN once a
+        target stopped), prompt_embeds (T, L, d_model) float32, and when `config.project`:
+        prompt_ids (T, L) nearest allowed tokens, prompt_text, projected_kl (T,).
+    """
+    config = SoftConfig() if config is None else config
+    if not isinstance(config, SoftConfig):
+        raise TypeError(f"config must be a SoftConfig, got {type(config).__name__}.")
+    out, setup, init_ids, start = run_vectors(model, tokenizer, targets, config, method="soft", progress=progress)
+    ids = text = projected = None
+    if config.project:
+        ids, text, projected = _project(setup, tokenizer, targets, out["vectors"], config)
+    prefix_ids, suffix_ids = context_ids(model, tokenizer, config.prefix, config.suffix)
+    meta = {"config": dataclasses.asdict(config), "is_bound": False, "prefix_ids": prefix_ids,
+            "suffix_ids": suffix_ids, "n_chunks": out["n_chunks"], "device": str(setup.device),
+            "dtype": str(setup.dtype).replace("torch.", ""), "init_ids": init_ids.tolist()}
+    return Result(method="soft", target_ids=targets.ids, kl=out["kl"], initial_kl=out["initial_kl"],
+                  logprobs=out["logprobs"], steps=out["steps"], trace=out["trace"],
+                  wall_s=time.perf_counter() - start, prompt_embeds=out["vectors"], prompt_ids=ids,
+                  prompt_text=text, projected_kl=projected, meta=meta)
