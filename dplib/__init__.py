@@ -4,7 +4,7 @@ The public API, re-exported: `load_model`, `list_models`, `Targets`, the modules
 `metrics`, `optim` (and, where present, `runner`, `results`, `plotting`).
 """
 
-from . import metrics, optim, targets
+from . import metrics, targets
 from .models import (
     ModelLoadError,
     list_models,
@@ -17,6 +17,16 @@ from .seeds import derive_seed, seed_everything
 from .targets import TargetError, Targets, logits_width
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # `dplib.optim` pulls in SciPy: import it on first use, so `import dplib` stays quick.
+    if name == "optim":
+        import importlib
+
+        return importlib.import_module(".optim", __name__)
+    raise AttributeError(f"module 'dplib' has no attribute {name!r}")
+
 
 __all__ = [
     "ModelLoadError", "TargetError", "Targets", "derive_seed", "list_models", "load_model",
