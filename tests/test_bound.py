@@ -7,10 +7,16 @@ import copy
 import pandas as pd
 import pytest
 import torch
+from helpers import own_distribution, random_targets
 
 from dplib.optim.bound import (
+    PRECOND_TOKENS,
+    TAIL_FLOOR,
     BoundConfig,
     LayerBoundConfig,
+    _Problem,
+    _stack,
+    _take,
     free_bound,
     layer_bound,
     norm_bound,
@@ -34,21 +40,6 @@ def span_targets(model, n=2, seed=0, scale=1.0):
     if head.bias is not None:
         logits = logits + head.bias.double()
     return Targets(torch.softmax(logits * head.scale, -1), _meta("span", n))
-
-
-def own_distribution(model, tok, texts, n_tokens):
-    rows = []
-    with torch.no_grad():
-        for text in texts:
-            ids = [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"][:n_tokens]
-            rows.append(model(torch.tensor([ids])).logits[0, -1].float().softmax(-1))
-    return Targets(torch.stack(rows), _meta("own", len(rows)))
-
-
-def random_targets(width, n, seed=0, temperature=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return Targets(torch.softmax(torch.randn(n, width, generator=g, dtype=torch.float64) * temperature, -1),
-                   _meta("random", n))
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -90,6 +81,25 @@ def test_free_bound_solution_is_stationary_and_beats_h_zero(tiny):
     # Solver choice does not change the bound, and no warm start neither.
     other = free_bound(model, tok, targets, BoundConfig(solver="trust-ncg", warm_start=False), progress=False)
     torch.testing.assert_close(other.kl, r.kl, atol=1e-8, rtol=0)
+
+
+def test_preconditioner_whitens_the_hessian(tiny):
+    """Mᵀ Ĥ M = I, Ĥ the exact Hessian plus the tail floor when every token is kept (vocab ≤ PRECOND_TOKENS)."""
+    model, _ = tiny
+    head = output_layer(model)
+    assert logits_width(model) <= PRECOND_TOKENS
+    problem = _Problem(head, head.weight.detach(), None)
+    obj = problem.objective(random_targets(logits_width(model), 2, temperature=2.0).probs)
+    k = head.weight.shape[1]
+    h = torch.randn(2, k, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    _, _, cache = obj.evaluate(h, torch.arange(2))
+    m, inv_norm = obj.preconditioner(cache)
+    eye = torch.eye(k, dtype=torch.float64)
+    for i in range(2):
+        hess = obj.hvp(eye, _stack([_take(cache, i)] * k))  # (k, k): column j is H e_j
+        approx = hess + TAIL_FLOOR * head.scale**2 * problem.cov
+        torch.testing.assert_close(m[i].T @ approx @ m[i], eye, atol=1e-6, rtol=0)
+        assert inv_norm[i] >= torch.linalg.matrix_norm(torch.linalg.inv(m[i]), 2) * (1 - 1e-9)
 
 
 def test_free_bound_chunks_are_independent(tiny):

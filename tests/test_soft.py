@@ -6,26 +6,12 @@ import math
 
 import pytest
 import torch
+from helpers import own_distribution, random_targets
 
 from dplib.models import tiny_model
 from dplib.optim.common import allowed_tokens, embed, kl_from_logprobs
 from dplib.optim.soft import SoftConfig, _lr_at, context_ids, nearest_tokens, optimize_soft
-from dplib.targets import TargetError, Targets, logits_width
-
-
-def own_distribution(model, tok, texts, n_tokens):
-    """The model's next-token distributions after BOS + the first n_tokens of each text (reachable)."""
-    rows = []
-    with torch.no_grad():
-        for text in texts:
-            ids = [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"][:n_tokens]
-            rows.append(model(torch.tensor([ids])).logits[0, -1].float().softmax(-1))
-    return Targets(torch.stack(rows), None)
-
-
-def random_targets(width, n, seed=0, temperature=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return Targets(torch.softmax(torch.randn(n, width, generator=g) * temperature, -1), None)
+from dplib.targets import TargetError, logits_width
 
 
 @pytest.mark.parametrize("kwargs, match", [

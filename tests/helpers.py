@@ -1,0 +1,25 @@
+"""Target builders shared by the optimiser tests (imported as `helpers`; pytest puts tests/ on sys.path)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+
+from dplib.targets import Targets
+
+
+def own_distribution(model, tok, texts, n_tokens) -> Targets:
+    """The model's next-token distributions after BOS + the first n_tokens of each text (reachable)."""
+    rows = []
+    with torch.no_grad():
+        for text in texts:
+            ids = [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"][:n_tokens]
+            rows.append(model(torch.tensor([ids])).logits[0, -1].float().softmax(-1))
+    return Targets(torch.stack(rows), pd.DataFrame({"kind": ["own"] * len(rows)}))
+
+
+def random_targets(width, n, seed=0, temperature=1.0, dtype=torch.float32) -> Targets:
+    """n softmaxes of Gaussian logits (scaled by `temperature`) over `width` tokens."""
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(torch.randn(n, width, generator=g, dtype=dtype) * temperature, -1)
+    return Targets(probs, pd.DataFrame({"kind": ["random"] * n}))
