@@ -440,6 +440,8 @@ def _outlier_entropy_range(vocab_size: int, k: int, m: float) -> tuple[float, fl
 def _bisect(f, lo: float, hi: float, iters: int = 100) -> float:
     """The root of f on [lo, hi], f(lo) and f(hi) of opposite signs (f monotone there)."""
     flo = f(lo)
+    if flo == 0 or f(hi) == 0:  # a root at an end (e.g. h = ln V, where the feasible set is one point)
+        return lo if flo == 0 else hi
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
         if (f(mid) > 0) == (flo > 0):

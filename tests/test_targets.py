@@ -253,6 +253,13 @@ def test_feasible_masses_match_brute_force(width, h, k):
     assert (ok == inside).mean() > 0.9995  # disagreement only at the grid cells holding an end point
 
 
+@pytest.mark.parametrize("width, k", [(380, 1), (49_152, 3)])
+def test_feasible_masses_at_max_entropy_is_the_uniform_point(width, k):
+    """At h = ln V only the uniform distribution exists: m = k/V exactly, one point, not an interval."""
+    ((lo, hi),) = T.feasible_masses(width, math.log(width), k)
+    assert lo == pytest.approx(k / width, rel=1e-9) and hi == pytest.approx(k / width, rel=1e-9)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(k=0, mass=0.5), "1 ≤ k"),
     (dict(k=100, mass=0.5), "1 ≤ k"),
