@@ -67,32 +67,31 @@ def kl_vs_entropy(df: pd.DataFrame, *, x: str = "entropy_nats", y: str = "kl_nat
         ax.axvline(max_entropy, color="grey", linestyle=":", linewidth=1)
     if log_y:
         ax.set_yscale("symlog", linthresh=1e-2)
-    ax.set_xlabel("target entropy (nats)")
-    ax.set_ylabel("KL(target ‖ model) (nats)")
-    ax.set_title(title or "KL vs target entropy")
+    return _finish(ax, "target entropy (nats)", "KL(target ‖ model) (nats)", title or "KL vs target entropy")
+
+
+def _finish(ax, xlabel: str, ylabel: str, title: str):
+    """Label one line plot, add its legend, despine, tighten; returns its figure."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(frameon=False, fontsize=8)
     sns.despine(ax=ax)
-    fig.tight_layout()
-    return fig
+    ax.figure.tight_layout()
+    return ax.figure
 
 
 def binned_kl(summary: pd.DataFrame, *, hue: str = "method", title: str | None = None, ax=None):
     """A `analysis.bin_summary` table drawn as mean lines with their CI band, one per `hue` value."""
     if ax is None:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-    fig = ax.figure
+        _, ax = plt.subplots(figsize=(7, 4.5))
     for (name, rows), color in zip(summary.groupby(hue, sort=False),
                                    sns.color_palette(n_colors=summary[hue].nunique()), strict=True):
         rows = rows.sort_values("bin_mid")
         ax.plot(rows["bin_mid"], rows["mean"], marker="o", color=color, label=name)
         ax.fill_between(rows["bin_mid"], rows["ci_low"], rows["ci_high"], color=color, alpha=0.2)
-    ax.set_xlabel("target entropy bin centre (nats)")
-    ax.set_ylabel("mean KL (nats)")
-    ax.set_title(title or "mean KL per entropy bin (95% bootstrap CI)")
-    ax.legend(frameon=False, fontsize=8)
-    sns.despine(ax=ax)
-    fig.tight_layout()
-    return fig
+    return _finish(ax, "target entropy bin centre (nats)", "mean KL (nats)",
+                   title or "mean KL per entropy bin (95% bootstrap CI)")
 
 
 def distributions(top: pd.DataFrame, *, target_ids: Sequence[str] | None = None, col_wrap: int = 2,

@@ -170,12 +170,12 @@ class _Objective:
     def preconditioner(self, cache) -> tuple[Tensor, Tensor]:
         """(M (A, k, k), ‖M⁻¹‖₂ upper bound (A,)) with Mᵀ Ĥ M = I at the cached points.
 
-        Ĥ = Σ_{i ∈ top} q_i a_i a_iᵀ + (1 − Σ_top q_i) s² C + δ I, a_i = J_i − Σ_top q_j J_j, J_i = s·slope_i·w_i:
+        Ĥ = Σ_{i ∈ top} q_i a_i a_iᵀ + max(1 − Σ_top q_i, TAIL_FLOOR) s² C + δ I, a_i = J_i − Σ_top q_j J_j, J_i = s·slope_i·w_i:
         the Gauss-Newton Hessian s²·Jᵀ(diag q − q qᵀ)J over the most probable tokens, the tail modelled
         by the row covariance C, δ only to keep the Cholesky factor finite.
         """
         q, slope, _ = cache
-        k = self.w.shape[1]
+        eye = torch.eye(self.w.shape[1], dtype=torch.float64)
         ms, norms = [], []
         for i in range(len(q)):
             top = torch.topk(q[i], min(PRECOND_TOKENS, len(q[i]))).indices
@@ -185,13 +185,12 @@ class _Objective:
             hess = (a * qt[:, None]).T @ a + max(1 - float(qt.sum()), TAIL_FLOOR) * self.s**2 * self.cov
             jitter = 1e-12 * float(hess.diagonal().mean())
             while True:  # δ grows until the factorisation succeeds (needed only for degenerate W)
-                chol, info = torch.linalg.cholesky_ex(hess + jitter * torch.eye(k, dtype=hess.dtype))
+                chol, info = torch.linalg.cholesky_ex(hess + jitter * eye)
                 if int(info) == 0:
                     break
                 jitter *= 100
-            eye = torch.eye(k, dtype=hess.dtype)
             ms.append(torch.linalg.solve_triangular(chol, eye, upper=False).T)  # M = L⁻ᵀ, Ĥ = L Lᵀ
-            norms.append(float(hess.diagonal().sum() + k * jitter) ** 0.5)  # ‖Lᵀ‖₂ ≤ √trace
+            norms.append(float(hess.diagonal().sum() + len(eye) * jitter) ** 0.5)  # ‖Lᵀ‖₂ ≤ √trace
         return torch.stack(ms), torch.tensor(norms, dtype=torch.float64)
 
 
@@ -254,7 +253,8 @@ def _stack(caches: list):
 class _Lockstep:
     """One SciPy minimisation per target, each in its own thread, computed together.
 
-    Every thread asks for f/∇f or a Hessian-vector product at its own point and blocks; once every
+    Every thread asks for f/∇f ("f"), a Hessian-vector product ("h") or its restart coordinates ("m")
+    at its own point and blocks; f, ∇f and the curvature there are cached per row. Once every
     live thread is waiting, the main thread answers all of them with batched matmuls. Each target
     thus gets its own, unmodified SciPy solver (own line search, own CG, own stopping), while the
     cost is that of one batched matmul per round of requests.
@@ -304,15 +304,17 @@ class _Lockstep:
             kl, grad, cache = self.obj.evaluate(x, torch.tensor(fresh))
             for i, r in enumerate(fresh):
                 self.cache[r] = (batch[r][1], _take(cache, i), (float(kl[i]), grad[i].numpy().copy()))
-        for kind, method in (("h", self.obj.hvp), ("m", self.obj.preconditioner)):
-            rows = [r for r, (k, _, _) in batch.items() if k == kind]
-            if not rows:
-                continue
-            cache = _stack([self.cache[r][1] for r in rows])
-            out = method(torch.from_numpy(np.stack([batch[r][2] for r in rows])), cache) if kind == "h" \
-                else method(cache)
-            for i, r in enumerate(rows):
-                answers[r] = out[i].numpy().copy() if kind == "h" else (out[0][i].numpy().copy(), float(out[1][i]))
+        hess = [r for r, (kind, _, _) in batch.items() if kind == "h"]
+        if hess:
+            v = torch.from_numpy(np.stack([batch[r][2] for r in hess]))
+            hv = self.obj.hvp(v, _stack([self.cache[r][1] for r in hess]))
+            for i, r in enumerate(hess):
+                answers[r] = hv[i].numpy().copy()
+        pre = [r for r, (kind, _, _) in batch.items() if kind == "m"]
+        if pre:
+            m, inv_norm = self.obj.preconditioner(_stack([self.cache[r][1] for r in pre]))
+            for i, r in enumerate(pre):
+                answers[r] = (m[i].numpy().copy(), float(inv_norm[i]))
         for r, (kind, _, _) in batch.items():
             if kind == "f":
                 f, g = self.cache[r][2]
