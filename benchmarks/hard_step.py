@@ -23,8 +23,8 @@ import time
 
 import torch
 
+from dplib.lm import allowed_tokens, output_layer
 from dplib.models import load_model
-from dplib.optim.common import allowed_tokens, output_layer
 from dplib.optim.hard import HardConfig, HardSearch, _Chunker, _score
 from dplib.targets import Targets, logits_width
 

@@ -25,9 +25,8 @@ import torch
 
 from dplib import load_model
 from dplib import targets as tg
+from dplib.lm import body, bos_id, kl_from_logprobs
 from dplib.optim import BoundConfig, SoftConfig, free_bound, norm_bound, optimize_soft
-from dplib.optim.common import body, kl_from_logprobs
-from dplib.optim.soft import bos_id
 
 
 def matmul_peak(n: int = 2048, reps: int = 5) -> float:
@@ -52,7 +51,7 @@ def flops_per_target_step(model, n_positions: int) -> float:
 def naive_steps_per_s(model, tok, target: torch.Tensor, length: int, steps: int) -> float:
     """The loop every optimiser would write first: T = 1, full-sequence logits, then the last row."""
     emb = model.get_input_embeddings()
-    prefix = emb(torch.tensor([[bos_id(model, tok)]]))
+    prefix = emb(torch.tensor([[bos_id(tok)]]))
     prompt = emb(torch.randint(1000, 20000, (1, length))).detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([prompt], lr=0.03)
 

@@ -1,10 +1,10 @@
 """dplib: distribution prompting for causal language models.
 
-The public API, re-exported: `load_model`, `list_models`, `Targets`, the modules `targets`,
-`metrics`, `optim` (and, where present, `runner`, `results`, `plotting`).
+The public API, re-exported: `load_model`, `list_models`, `Targets`, the modules `lm` (what dplib
+reads from a model, and `lm.configure` to supply what it cannot find), `targets`, `metrics`, `optim` (and, where present, `runner`, `results`, `plotting`).
 """
 
-from . import metrics, targets
+from . import lm, metrics, targets
 from .models import (
     ModelLoadError,
     list_models,
@@ -30,6 +30,6 @@ def __getattr__(name: str):
 
 __all__ = [
     "ModelLoadError", "TargetError", "Targets", "derive_seed", "list_models", "load_model",
-    "logits_width", "metrics", "optim", "resolve_device", "resolve_dtype", "seed_everything", "targets",
+    "lm", "logits_width", "metrics", "optim", "resolve_device", "resolve_dtype", "seed_everything", "targets",
     "tiny_model",
 ]

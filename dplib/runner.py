@@ -5,7 +5,7 @@ optimiser call), runs every (method, seed, batch) cell through the optimiser reg
 (`dplib.optim.METHODS`), and returns one row per target × method × seed. With a run directory
 (`dplib.results.Run`) every finished cell is written at once as a parquet shard under
 `shards/<sweep>/`, named by a hash of everything that determines its result (model, method,
-config, seed, the batch's target ids and probabilities). A re-run finds the shard and reads it
+config, seed, the batch's target ids and probabilities; the model by the fingerprint of its weights). A re-run finds the shard and reads it
 instead of recomputing, so a run killed mid-way loses at most the batch in flight, and any sweep
 that shares cells with an earlier one (a subset, a superset) reuses them.
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from . import metrics
+from . import lm, metrics
 from .results import Run, read_frame, stable_hash, to_jsonable, write_frame
 from .seeds import derive_seed
 from .targets import Targets
@@ -35,7 +35,7 @@ from .targets import Targets
 log = logging.getLogger(__name__)
 
 SWEEP_COLUMNS = frozenset({"run_id", "sweep", "model", "method", "variant", "is_bound", "seed", "batch", "kl_nats", "initial_kl_nats", "projected_kl_nats", "steps", "wall_s",
-                           "batch_wall_s", "prompt_text", "prompt_ids"})
+                           "batch_wall_s", "prompt_text", "prompt_text_exact", "prompt_ids"})
 DEFAULT_BATCH_SIZE = 32  # targets per optimiser call: near the CPU's efficient batch (PERF_NOTES)
 
 
@@ -147,9 +147,13 @@ def model_name_of(model) -> str:
                type(model).__name__)
 
 
-def cell_key(model_name: str, spec: MethodSpec, config, seed: int, batch: Targets) -> str:
-    """The identity of one (method, seed, batch) cell: equal keys, equal results."""
-    return stable_hash({"model": model_name, "method": spec.method, "config": config, "seed": seed,
+def cell_key(model_fingerprint: str, spec: MethodSpec, config, seed: int, batch: Targets) -> str:
+    """The identity of one (method, seed, batch) cell: equal keys, equal results.
+
+    model_fingerprint: `lm.fingerprint(model)`, a hash of the weights, dtype and config (never the
+    model's name: in-memory models, bf16 copies and edited weights share names).
+    """
+    return stable_hash({"model": model_fingerprint, "method": spec.method, "config": config, "seed": seed,
                         "targets": batch.ids, "probs": fingerprint(batch.probs)}, 16)
 
 
@@ -196,6 +200,7 @@ def cell_frame(result, batch: Targets, spec: MethodSpec, config, *, seed: int, m
     df["wall_s"] = result.wall_s / max(n, 1)  # this target's share of the batch's wall time
     df["batch_wall_s"] = result.wall_s
     df["prompt_text"] = res["prompt_text"].to_numpy() if "prompt_text" in res else None
+    df["prompt_text_exact"] = res["prompt_text_exact"].to_numpy() if "prompt_text_exact" in res else None
     ids = result.prompt_ids
     df["prompt_ids"] = [" ".join(map(str, r)) for r in ids.tolist()] if ids is not None else None
     for key, value in (dataclasses.asdict(config) if config is not None else {}).items():
@@ -243,15 +248,16 @@ def run_sweep(model, tokenizer, targets: Targets, methods, *, seeds: Sequence[in
         run: the run directory; None keeps everything in memory (no resume).
         name: the sweep's name within the run (shards/<name>/, tables/<name>.csv,
             tables/<name>_trace.parquet, run.json "sweeps"/<name>).
-        model_name: recorded in the `model` column and the cell identity (default: the model's
-            name_or_path).
+        model_name: recorded in the `model` column (default: the model's name_or_path); the cell
+            identity uses the model's fingerprint (`lm.fingerprint`), not its name.
         stats: filled with the number of cells computed and reused.
     Returns: columns run_id, sweep, model, method, variant, is_bound, seed, batch, the
         target metadata (target_id, kind, ...; names that clash get a `target_` prefix:
         target_seed, target_method), entropy_nats, kl_nats,
         initial_kl_nats, projected_kl_nats (soft only, else NaN), reverse_kl_nats, js_nats, tv,
         top1_agree, top10_recall, steps, wall_s (this target's share of its batch), batch_wall_s,
-        prompt_text, prompt_ids (space-separated; None for bounds), cfg_<field> per config field.
+        prompt_text (None where no text reproduces the prompt's ids), prompt_text_exact, prompt_ids
+        (space-separated; None for bounds), cfg_<field> per config field.
         Row order: method (as given), seed, target (as given).
     """
     methods_fn, _ = _registry()
@@ -259,6 +265,7 @@ def run_sweep(model, tokenizer, targets: Targets, methods, *, seeds: Sequence[in
     seeds = [seeds] if isinstance(seeds, int) else list(seeds)
     targets.check_width(model)
     model_name = model_name or model_name_of(model)
+    model_fp = lm.fingerprint(model)
     run_id = run.run_id if run is not None else None
     stats = stats if stats is not None else SweepStats()
     shard_dir = run.path / "shards" / name if run is not None else None
@@ -274,7 +281,8 @@ def run_sweep(model, tokenizer, targets: Targets, methods, *, seeds: Sequence[in
         run.record("sweeps", name, {
             "model": model_name, "seeds": seeds, "batch_size": batch_size, "n_targets": len(targets),
             "methods": {s.name: {"method": s.method, "config": make_config(s, seeds[0])} for s in specs},
-            "sweep_id": stable_hash({"model": model_name, "seeds": seeds, "batch_size": batch_size,
+            "model_fingerprint": model_fp,
+            "sweep_id": stable_hash({"model": model_fp, "seeds": seeds, "batch_size": batch_size,
                                      "methods": [(s.name, s.method, to_jsonable(s.params)) for s in specs],
                                      "targets": fingerprint(targets.probs)}),
             "status": "running"})
@@ -283,7 +291,7 @@ def run_sweep(model, tokenizer, targets: Targets, methods, *, seeds: Sequence[in
     from tqdm.auto import tqdm
 
     for spec, seed, config, b, batch in tqdm(cells, desc=f"sweep {name}", disable=not progress):
-        key = cell_key(model_name, spec, config, seed, batch)
+        key = cell_key(model_fp, spec, config, seed, batch)
         stem = f"{spec.name}__s{seed}__b{b:04d}__{key}"
         path = shard_dir / f"{stem}.parquet" if shard_dir is not None else None
         if path is not None and path.exists():

@@ -37,7 +37,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from . import metrics
+from . import lm, metrics
+from .lm import logits_width
 from .seeds import derive_seed, generator
 
 log = logging.getLogger(__name__)
@@ -47,12 +48,6 @@ SUM_TOLERANCE = 1e-4  # |Σ p − 1| allowed without renormalising
 
 class TargetError(ValueError):
     """A target distribution is invalid; the message says what is wrong and how to fix it."""
-
-
-def logits_width(model) -> int:
-    """The model's next-token logits width (rows of the output embedding), ≥ len(tokenizer)."""
-    head = model.get_output_embeddings()
-    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
 
 
 def validate_probs(probs: Tensor, *, renormalize: bool = False, name: str = "probs") -> Tensor:
@@ -567,41 +562,33 @@ def _source_name(model) -> str | None:
     return (getattr(model, "dplib_source", None) or {}).get("name")
 
 
-def _prefix_ids(tokenizer) -> list[int]:
-    """The special tokens the tokenizer puts before any text by default (e.g. Gemma's <bos>; none for SmolLM2)."""
-    with_special = tokenizer("a")["input_ids"]
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    return list(with_special[:len(with_special) - len(plain)]) if with_special[-len(plain):] == plain else []
-
-
 @torch.no_grad()
 def next_token_probs(model, sequences: Sequence[Sequence[int]], *, batch_size: int = 16) -> Tensor:
     """The model's next-token distribution after each token sequence; (n, logits width) float32.
 
-    Sequences of different lengths are left-padded in batches of `batch_size`, with an attention
-    mask and explicit position ids (cumulative count of real tokens), so padding changes neither
-    the tokens attended to nor their positions: each row equals its unpadded forward pass up to
-    float rounding (tested). Only the last position reaches the LM head.
+    Sequences are batched only with others of the same length (up to `batch_size` per forward pass),
+    so no padding is ever fed: each row is exactly its own forward pass, for every architecture
+    (padding needs position ids and masks that not every family takes). Only the last position
+    reaches the LM head (`lm.next_token_logprobs`).
     """
-    from .optim.common import body, output_layer
-
     if any(len(s) == 0 for s in sequences):
         raise TargetError("a context is empty; every context needs at least one token (e.g. the BOS token).")
+    seqs = [list(map(int, s)) for s in sequences]
+    longest = max(map(len, seqs), default=0)
+    lm.check_length(model, longest, "a context")
     device = next(model.parameters()).device
-    head = output_layer(model)
-    pad = int(getattr(model.config, "pad_token_id", None) or 0)
-    out = torch.empty(len(sequences), logits_width(model), dtype=torch.float32)
-    for start in range(0, len(sequences), batch_size):
-        batch = [list(map(int, s)) for s in sequences[start:start + batch_size]]
-        width = max(map(len, batch))
-        ids = torch.tensor([[pad] * (width - len(s)) + s for s in batch], device=device)
-        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in batch], device=device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        hidden = body(model)(input_ids=ids, attention_mask=mask, position_ids=positions,
-                             use_cache=False).last_hidden_state[:, -1, :].contiguous()
-        logprobs = torch.log_softmax(head.logits(hidden), dim=-1).double()
-        probs = torch.exp(logprobs)
-        out[start:start + len(batch)] = (probs / probs.sum(-1, keepdim=True)).float().cpu()
+    head = lm.output_layer(model)
+    out = torch.empty(len(seqs), logits_width(model), dtype=torch.float32)
+    by_length: dict[int, list[int]] = {}
+    for i, s in enumerate(seqs):
+        by_length.setdefault(len(s), []).append(i)
+    for rows in by_length.values():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            ids = torch.tensor([seqs[i] for i in chunk], device=device)
+            logprobs = lm.next_token_logprobs(model, lm.embed(model, ids), head=head).double()
+            probs = torch.exp(logprobs)
+            out[chunk] = (probs / probs.sum(-1, keepdim=True)).float().cpu()
     return out
 
 
@@ -625,7 +612,7 @@ def _corpus_documents(corpus) -> tuple[list[str], list[str]]:
 
 
 def from_model(model, tokenizer, n: int, *, corpus=None, seed: int = 0, sample: bool = False,
-               context_tokens: tuple[int, int] = (8, 64), batch_size: int = 16) -> Targets:
+               context_tokens: tuple[int, int] = (8, 64), prefix: str = "bos", batch_size: int = 16) -> Targets:
     """The source model's next-token distributions at n seeded positions of a corpus.
 
     Args:
@@ -637,12 +624,14 @@ def from_model(model, tokenizer, n: int, *, corpus=None, seed: int = 0, sample: 
             they depend on (seed, i) only; with `sample=True` the text is sampled with
             derive_seed(seed, "lm-sample").
         sample: contexts are text sampled from the model itself (special tokens and padding rows
-            excluded), starting from the tokenizer's default prefix or its BOS/EOS token.
+            excluded), starting from the prompt frame's prefix (else the EOS token).
         context_tokens: (min, max) context length in tokens, both inclusive, drawn uniformly.
+        prefix: the prompt frame's prefix (`lm.prompt_frame`): "bos" = the tokenizer's BOS token,
+            "" = none, other text = that text. The same frame the optimisers put before a prompt.
         batch_size: contexts per forward pass.
 
-    A context is a window of the tokenised document preceded by the tokenizer's default prefix
-    (Gemma's <bos>; nothing for SmolLM2); the target is the model's distribution for the token
+    A context is a window of the tokenised document preceded by the frame's prefix ids (the BOS
+    token by default, as before every prompt); the target is the model's distribution for the token
     that follows it (the document's real next token is recorded as `next_token_id`). Padding rows
     beyond len(tokenizer) keep whatever mass the model gives them: these are the model's own
     distributions, so a zero-KL prompt exists.
@@ -656,11 +645,11 @@ def from_model(model, tokenizer, n: int, *, corpus=None, seed: int = 0, sample: 
     lo, hi = (int(x) for x in context_tokens)
     if not 1 <= lo <= hi:
         raise TargetError(f"context_tokens must be (min, max) with 1 ≤ min ≤ max; got {context_tokens!r}.")
-    prefix = _prefix_ids(tokenizer)
+    prefix_ids = list(lm.prompt_frame(model, tokenizer, prefix).prefix_ids)
     lengths = [lo + int(torch.randint(hi - lo + 1, (1,), generator=generator(derive_seed(seed, "lm", i))))
                for i in range(n)]
     if sample:
-        prefix, docs = _sampled_documents(model, tokenizer, n, max(lengths) + 1, seed, prefix)
+        prefix_ids, docs = _sampled_documents(model, tokenizer, n, max(lengths) + 1, seed, prefix_ids)
         doc_names, picks = [f"sample{i}" for i in range(n)], [(i, 0) for i in range(n)]
     else:
         doc_names, texts = _corpus_documents(corpus)
@@ -670,7 +659,7 @@ def from_model(model, tokenizer, n: int, *, corpus=None, seed: int = 0, sample: 
     contexts, rows = [], []
     for (d, start), length in zip(picks, lengths, strict=True):
         window = docs[d][start:start + length]
-        contexts.append(prefix + window)
+        contexts.append(prefix_ids + window)
         rows.append({"context": tokenizer.decode(window), "position": start + length,
                      "document": doc_names[d], "next_token_id": docs[d][start + length]})
     probs = next_token_probs(model, contexts, batch_size=batch_size)
@@ -700,15 +689,15 @@ def _pick_window(docs: list[list[int]], length: int, seed: int) -> tuple[int, in
 def _sampled_documents(model, tokenizer, n: int, length: int, seed: int, prefix: list[int]):
     """(start ids, n sequences of `length` tokens sampled from the model after them); KV-cached.
 
-    The start is the tokenizer's default prefix, else its BOS token, else its EOS token.
+    The start is the frame's prefix ids, else the EOS token.
     """
-    from .optim.common import allowed_tokens
-
-    start = prefix or [t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id) if t is not None][:1]
+    start = prefix or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
     if not start:
-        raise TargetError("sample=True needs a start token: the tokenizer has no BOS or EOS token.")
+        raise TargetError("sample=True needs a start token: the tokenizer has no BOS or EOS token; "
+                          "pass prefix='some text'.")
+    lm.check_length(model, len(start) + length, "a sampled context")
     device = next(model.parameters()).device
-    allowed = allowed_tokens(tokenizer, logits_width(model)).to(device)
+    allowed = lm.allowed_tokens(tokenizer, logits_width(model)).to(device)
     g = generator(derive_seed(seed, "lm-sample"))
     ids, past, sampled = torch.tensor([start] * n, device=device), None, []
     for _ in range(length):
@@ -721,12 +710,15 @@ def _sampled_documents(model, tokenizer, n: int, length: int, seed: int, prefix:
 
 
 def reference(model, tokenizer, contexts: Sequence[str] | Sequence[Sequence[int]], *,
-              batch_size: int = 16) -> Targets:
+              prefix: str = "bos", batch_size: int = 16) -> Targets:
     """The model's own next-token distribution after each context: a zero-KL hard prompt exists.
 
     Args:
-        contexts: strings (encoded with the tokenizer's default special tokens, e.g. Gemma's <bos>)
-            or lists of token ids (used as they are).
+        contexts: strings, encoded in the prompt frame exactly as a prompt text is
+            (`lm.prompt_frame(model, tokenizer, prefix).encode(text)`: the BOS token, then the
+            text), so `score_prompt_text(model, tokenizer, contexts, targets)` gives KL 0; or lists
+            of token ids (used as they are).
+        prefix: the frame's prefix ("bos" by default, as for the optimisers).
     Returns: Targets (float32) with meta target_id "reference-<i>-<hash>", kind "reference",
         source_model, context (text), context_ids (the exact ids fed).
     """
@@ -734,7 +726,8 @@ def reference(model, tokenizer, contexts: Sequence[str] | Sequence[Sequence[int]
     if not contexts:
         raise TargetError("contexts is empty; pass a list of strings or of token-id lists.")
     if all(isinstance(c, str) for c in contexts):
-        ids = [tokenizer(c)["input_ids"] for c in contexts]
+        frame = lm.prompt_frame(model, tokenizer, prefix)
+        ids = [frame.encode(c) for c in contexts]
     elif all(isinstance(c, (list, tuple, Tensor)) for c in contexts):
         ids = [[int(t) for t in c] for c in contexts]
     else:

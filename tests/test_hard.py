@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from dplib.optim import common, hard
-from dplib.optim.hard import HardConfig, encode_prompt, optimize_hard, score_prompt_text
+from dplib import lm
+from dplib.optim import hard
+from dplib.optim.hard import HardConfig, optimize_hard, score_prompt_text
 from dplib.targets import TargetError, Targets, logits_width
 
 QUICK = dict(prompt_length=4, steps=6, top_k=32, n_candidates=24, patience=0)
@@ -96,16 +97,16 @@ def test_token_gradient_equals_onehot_gradient(fixture, request):
     targets = random_targets(model, tokenizer, 2)
     p = targets.probs.float()
     neg = torch.special.xlogy(p, p).sum(-1)
-    head = common.output_layer(model)
+    head = lm.output_layer(model)
     ids = torch.tensor([[10, 50, 70], [300, 4, 99]])
     pre, suf = torch.tensor([0]), torch.tensor([200])
-    weight, scale = hard._embedding_matrix(model, ids[0])
+    weight, scale = lm.embedding_matrix(model, ids[0])
     grad, kl = hard._token_gradient(model, head, (pre, suf), ids, p, neg, weight, scale)
 
     onehot = torch.nn.functional.one_hot(ids, logits_width(model)).float().requires_grad_(True)
     emb = onehot @ (model.get_input_embeddings().weight * scale)
-    inputs = torch.cat([common.embed(model, pre.expand(2, -1)), emb, common.embed(model, suf.expand(2, -1))], 1)
-    ref_kl = neg - (p * torch.log_softmax(head.logits(common.last_hidden(model, inputs)), -1)).sum(-1)
+    inputs = torch.cat([lm.embed(model, pre.expand(2, -1)), emb, lm.embed(model, suf.expand(2, -1))], 1)
+    ref_kl = neg - (p * torch.log_softmax(head.logits(lm.last_hidden(model, inputs)), -1)).sum(-1)
     (ref,) = torch.autograd.grad(ref_kl.sum(), onehot)
     torch.testing.assert_close(kl, ref_kl.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-5)
@@ -137,7 +138,7 @@ def test_search_improves_and_trace_is_monotone(tiny_run):
 
 def test_logprobs_match_reported_kl(tiny_run):
     targets, res = tiny_run
-    recomputed = common.kl_from_logprobs(targets.probs.float(), res.logprobs)
+    recomputed = lm.kl_from_logprobs(targets.probs.float(), res.logprobs)
     torch.testing.assert_close(recomputed, res.kl, atol=1e-5, rtol=0)
 
 
@@ -156,10 +157,9 @@ def test_decoded_text_gives_reported_kl(fixture, prefix, suffix, request):
     kl, logprobs = score_prompt_text(model, tokenizer, res.prompt_text, targets, prefix=prefix, suffix=suffix)
     assert (kl - res.kl).abs().max() <= 1e-4
     torch.testing.assert_close(logprobs, res.logprobs, atol=1e-4, rtol=0)
-    fmt = hard.PromptFormat.build(tokenizer, prefix, suffix)
+    frame = lm.prompt_frame(model, tokenizer, prefix, suffix)
     for ids, text in zip(res.prompt_ids.tolist(), res.prompt_text, strict=True):
-        assert encode_prompt(tokenizer, text, prefix=prefix, suffix=suffix) == \
-            list(fmt.prefix_ids) + ids + list(fmt.suffix_ids)
+        assert frame.encode(text) == frame.ids(ids)
 
 
 def test_best_prompts_survive_retokenisation(tiny_run, tiny):
@@ -171,15 +171,14 @@ def test_best_prompts_survive_retokenisation(tiny_run, tiny):
 
 
 def test_filter_rejects_merging_candidates(tiny):
-    _, tokenizer = tiny
+    model, tokenizer = tiny
     ok_ids = tokenizer.encode("the value", add_special_tokens=False)
     split = [tokenizer.convert_tokens_to_ids(c) for c in "the"]  # "t", "h", "e" re-tokenise as one token
-    fmt = hard.PromptFormat.build(tokenizer, "bos", "")
-    ok, texts = hard._survivors(tokenizer, fmt, [ok_ids, split])
+    ok, texts = lm.prompt_frame(model, tokenizer, "bos", "").text_reproduces([ok_ids, split])
     assert ok == [True, False] and texts[0] == "the value"
     # joined with a suffix, a candidate whose last token merges with the suffix is rejected
-    joined = hard.PromptFormat.build(tokenizer, "bos", "e")
-    assert hard._survivors(tokenizer, joined, [split[:2]])[0] == [False]
+    joined = lm.prompt_frame(model, tokenizer, "bos", "e")
+    assert joined.text_reproduces([split[:2]])[0] == [False]
 
 
 def test_special_and_padding_tokens_never_appear(tiny):
@@ -190,7 +189,7 @@ def test_special_and_padding_tokens_never_appear(tiny):
     probs[:, :3] += 5.0
     targets = Targets.from_probs(probs / probs.sum(-1, keepdim=True))
     res = optimize_hard(model, tokenizer, targets, HardConfig(**QUICK, retokenize_filter=False), progress=False)
-    allowed = common.allowed_tokens(tokenizer, logits_width(model))
+    allowed = lm.allowed_tokens(tokenizer, logits_width(model))
     assert allowed[res.prompt_ids].all()
     assert (res.prompt_ids < len(tokenizer)).all()
 
@@ -300,7 +299,7 @@ def context_targets(model, tokenizer, texts: list[str], n_tokens: int = 5) -> Ta
     ctx = torch.tensor([[tokenizer.bos_token_id] + tokenizer.encode(t, add_special_tokens=False)[:n_tokens]
                         for t in texts])
     with torch.no_grad():
-        probs = common.next_token_logprobs(model, common.embed(model, ctx)).double().exp()
+        probs = lm.next_token_logprobs(model, lm.embed(model, ctx)).double().exp()
     return Targets.from_probs(probs / probs.sum(-1, keepdim=True), kind="reference")
 
 
@@ -319,7 +318,7 @@ def test_smollm2_reaches_reachable_targets(smollm2):
     assert res.kl.mean() <= 0.25 * res.initial_kl.mean(), (res.initial_kl, res.kl)
     kl, _ = score_prompt_text(model, tokenizer, res.prompt_text, targets)
     assert (kl - res.kl).abs().max() <= 1e-4
-    allowed = common.allowed_tokens(tokenizer, logits_width(model))
+    allowed = lm.allowed_tokens(tokenizer, logits_width(model))
     assert allowed[res.prompt_ids].all()
     for ids, text in zip(res.prompt_ids.tolist(), res.prompt_text, strict=True):
         assert tokenizer.encode(text, add_special_tokens=False) == ids

@@ -78,7 +78,9 @@ def test_sweep_table(tiny, grid, tmp_path):
     assert not df[required].isna().any().any()
     assert (df["run_id"] == run.run_id).all() and (df["model"] == "tiny").all()
     assert df.groupby("method")["is_bound"].first().to_dict() == {"free_bound": True, "hard": False, "soft": False}
-    assert df.loc[df.method != "free_bound", "prompt_text"].notna().all()
+    assert df.loc[df.method == "hard", "prompt_text"].notna().all()  # the filter keeps faithful texts only
+    prompts = df[df.method != "free_bound"]
+    assert (prompts["prompt_text_exact"].astype(bool) == prompts["prompt_text"].notna()).all()
     assert df.loc[df.method == "soft", "projected_kl_nats"].notna().all()
     assert df.loc[df.method == "hard", "projected_kl_nats"].isna().all()
     assert (df["kl_nats"] >= -1e-5).all()
@@ -107,7 +109,7 @@ def test_subsetting_or_rebatching_changes_no_result(tiny, grid):
     merged = part[cols].merge(full[cols], on=["method", "target_id"], suffixes=("_part", "_full"))
     assert len(merged) == 4
     assert merged["kl_nats_part"].to_numpy() == pytest.approx(merged["kl_nats_full"].to_numpy(), abs=1e-4)
-    assert (merged["prompt_text_part"] == merged["prompt_text_full"]).all()
+    assert merged["prompt_text_part"].fillna("<none>").tolist() == merged["prompt_text_full"].fillna("<none>").tolist()
 
 
 def test_resume_reuses_finished_shards(tiny, grid, tmp_path):
@@ -203,3 +205,29 @@ def test_killed_sweep_resumes_to_the_same_table(tmp_path):
     a = results.open_run(shard_dir.parent.parent).load_table("sweep").drop(columns=VOLATILE)
     b = results.open_run(clean_dir / "resume" / run.run_id).load_table("sweep").drop(columns=VOLATILE)
     pd.testing.assert_frame_equal(_norm(a), _norm(b))
+
+
+def test_models_that_share_a_name_never_share_cells(tiny, grid, tmp_path):
+    """Cells are keyed by the model's weights: another model, a bf16 copy or edited weights under the
+    same name and in the same run directory recompute everything (the old name key reused them)."""
+    import copy
+
+    import torch
+
+    model, tok = tiny
+    run = results.start_run("t", {"k": 3}, results_dir=tmp_path)
+    first = runner.run_sweep(model, tok, grid, {"free_bound": {}}, run=run, name="s", model_name="same",
+                             progress=False)
+    edited = copy.deepcopy(model)
+    with torch.no_grad():
+        weight = edited.get_output_embeddings().weight
+        weight.add_(0.1 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)))
+    stats = runner.SweepStats()
+    second = runner.run_sweep(edited, tok, grid, {"free_bound": {}}, run=run, name="s", model_name="same",
+                              progress=False, stats=stats)
+    assert stats.reused == 0 and stats.computed == len(runner.batches(len(grid), runner.DEFAULT_BATCH_SIZE))
+    assert not (first["kl_nats"].to_numpy() == pytest.approx(second["kl_nats"].to_numpy(), abs=1e-6))
+    again = runner.SweepStats()
+    runner.run_sweep(model, tok, grid, {"free_bound": {}}, run=run, name="s", model_name="same",
+                     progress=False, stats=again)
+    assert again.computed == 0  # the first model's cells are still found under its own fingerprint

@@ -8,9 +8,11 @@ import pytest
 import torch
 from helpers import own_distribution, random_targets
 
+from dplib import lm
+from dplib.lm import allowed_tokens, embed, kl_from_logprobs
 from dplib.models import tiny_model
-from dplib.optim.common import allowed_tokens, embed, kl_from_logprobs
-from dplib.optim.soft import SoftConfig, _lr_at, context_ids, nearest_tokens, optimize_soft
+from dplib.optim.hard import score_prompt_text
+from dplib.optim.soft import SoftConfig, _lr_at, nearest_tokens, optimize_soft
 from dplib.targets import TargetError, logits_width
 
 
@@ -135,9 +137,10 @@ def test_gaussian_init_matches_embedding_scale(tiny):
 
 def test_prefix_and_suffix(tiny):
     model, tok = tiny
-    assert context_ids(model, tok, "bos", "") == ([tok.bos_token_id], [])
-    assert context_ids(model, tok, "", "") == ([], [])
-    prefix, suffix = context_ids(model, tok, "Hello", " world")
+    assert lm.prompt_frame(model, tok, "bos", "").prefix_ids == (tok.bos_token_id,)
+    assert lm.prompt_frame(model, tok, "", "").prefix_ids == ()
+    frame = lm.prompt_frame(model, tok, "Hello", " world")
+    prefix, suffix = list(frame.prefix_ids), list(frame.suffix_ids)
     assert prefix == tok("Hello", add_special_tokens=False)["input_ids"] and len(suffix) >= 1
     targets = random_targets(logits_width(model), 1)
     r = optimize_soft(model, tok, targets, SoftConfig(steps=5, prefix="", suffix=" world"), progress=False)
@@ -156,11 +159,28 @@ def test_projection_is_nearest_token_and_its_kl_is_exact(tiny):
     targets = random_targets(width, 2, seed=5)
     r = optimize_soft(model, tok, targets, SoftConfig(steps=10, prompt_length=3), progress=False)
     assert r.prompt_ids.shape == (2, 3) and allowed[r.prompt_ids].all()
-    assert r.prompt_text == [tok.decode(row) for row in r.prompt_ids.tolist()]
     with torch.no_grad():
         full = torch.cat([torch.full((2, 1), tok.bos_token_id), r.prompt_ids], dim=1)
         logprobs = model(full).logits[:, -1].float().log_softmax(-1)
     torch.testing.assert_close(r.projected_kl, kl_from_logprobs(targets.probs, logprobs), atol=1e-4, rtol=1e-4)
+
+
+def test_projection_text_is_given_only_where_it_reproduces_the_ids_and_kl(tiny):
+    """A projected prompt's text, where given, re-tokenises to its ids and re-scores to projected_kl;
+    where the ids have no such text (e.g. a partial UTF-8 byte token), the text is None and the row says so."""
+    model, tok = tiny
+    targets = random_targets(logits_width(model), 6, seed=5)
+    r = optimize_soft(model, tok, targets, SoftConfig(steps=10, prompt_length=3), progress=False)
+    frame = lm.prompt_frame(model, tok)
+    rows = r.to_frame()
+    assert rows["prompt_text_exact"].tolist() == [t is not None for t in r.prompt_text]
+    for ids, text in zip(r.prompt_ids.tolist(), r.prompt_text, strict=True):
+        decoded_reproduces = frame.encode(tok.decode(ids)) == frame.ids(ids)
+        assert (text is not None) == decoded_reproduces
+    exact = [i for i, t in enumerate(r.prompt_text) if t is not None]
+    assert exact, "with 6 targets some projections have a faithful text"
+    kl, _ = score_prompt_text(model, tok, [r.prompt_text[i] for i in exact], targets[exact])
+    torch.testing.assert_close(kl, r.projected_kl[exact], atol=1e-4, rtol=1e-4)
 
 
 def test_reaches_a_reachable_target_on_tiny(tiny):

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dplib import targets as T
-from dplib.optim.common import embed, next_token_logprobs
+from dplib.lm import embed, next_token_logprobs
 from dplib.targets import TargetError, Targets, logits_width
 
 WIDTHS = [49_152, 262_144]  # the embedded models' vocabularies
@@ -293,11 +293,13 @@ def test_from_model_reproducible_and_meta(tiny):
     assert (first3.probs - a.probs[:3]).abs().max() < 1e-5  # batch padding differs: float rounding
     row = a.meta.iloc[0]
     assert row["kind"] == "lm" and row["source_model"] == "tiny-llama-380" and row["target_id"] == "lm-tiny-llama-380-s3-0"
-    assert 8 <= len(row["context_ids"]) <= 64 and row["context"] == tok.decode(row["context_ids"])
+    # the context is fed in the prompt frame: the BOS token, then the window of the document
+    bos, window = row["context_ids"][0], row["context_ids"][1:]
+    assert bos == tok.bos_token_id and 8 <= len(window) <= 64 and row["context"] == tok.decode(window)
     from pydoc_data.topics import topics
     doc = tok(topics[row["document"]], add_special_tokens=False)["input_ids"]
     pos = row["position"]
-    assert doc[pos - len(row["context_ids"]):pos] == row["context_ids"] and doc[pos] == row["next_token_id"]
+    assert doc[pos - len(window):pos] == window and doc[pos] == row["next_token_id"]
 
 
 @pytest.mark.parametrize("fixture", ["tiny", "tiny_gemma"])
@@ -353,9 +355,11 @@ def test_reference_is_the_models_own_distribution(tiny):
     model, tok = tiny
     ref = T.reference(model, tok, ["hello world", "the cat sat on"])
     assert ref.meta["kind"].eq("reference").all() and ref.meta["target_id"].is_unique
-    assert ref.meta["context_ids"].iloc[0] == tok("hello world")["input_ids"]
+    # strings are framed as prompts are: the BOS token, then the text
+    assert ref.meta["context_ids"].iloc[0] == [tok.bos_token_id] + tok("hello world", add_special_tokens=False)["input_ids"]
     for i, ids in enumerate(ref.meta["context_ids"]):
-        direct = next_token_logprobs(model, embed(model, torch.tensor([ids]))).exp()[0]
+        with torch.no_grad():  # the model's own full forward, not dplib's last-position path
+            direct = model(torch.tensor([ids])).logits[0, -1].float().softmax(-1)
         assert (direct - ref.probs[i]).abs().max() < 1e-5
     by_ids = T.reference(model, tok, [ref.meta["context_ids"].iloc[1]])
     assert torch.allclose(by_ids.probs[0], ref.probs[1], atol=1e-6)

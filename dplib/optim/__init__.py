@@ -5,8 +5,9 @@ progress=True) -> Result`, optimises all T targets as one batch, and reads logit
 position only.
 """
 
+from ..lm import OutputLayer, next_token_logprobs, output_layer
 from .bound import BoundConfig, LayerBoundConfig, free_bound, layer_bound, norm_bound
-from .common import BestTracker, OutputLayer, Result, next_token_logprobs, output_layer
+from .common import BestTracker, Result
 from .hard import HardConfig, optimize_hard, score_prompt_text
 from .soft import SoftConfig, optimize_soft
 

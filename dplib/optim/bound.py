@@ -7,8 +7,9 @@
   γ ⊙ u with ‖u‖ = √d·√(m/(m+ε)) < √d (m = mean square of its input): the reachable set is the
   open ball ‖u‖ < √d scaled by γ. We minimise over its closure, ‖u‖ ≤ √d, which has the same
   infimum (continuity) and is convex, so the result is a certified lower bound on anything a prompt
-  achieves. LayerNorm outputs γ ⊙ u + β with u also centred (Σ u = 0). γ, β, ε and the kind of
-  norm are derived by calling the model's own final-norm module (so Gemma's (1 + w) scale is right).
+  achieves. LayerNorm outputs γ ⊙ u + β with u also centred (Σ u = 0). γ, β and the kind of norm
+  are derived by calling the model's own final-norm module (`lm.norm_spec`: Gemma's (1 + w) scale,
+  parameter-free and bias-free LayerNorms come out right).
 - `layer_bound`: the L prompt positions' residual stream after decoder layer ℓ is trained directly
   (Adam, as for soft prompts), the later layers running as usual.
 
@@ -56,9 +57,11 @@ import torch
 from scipy.optimize import minimize
 from torch import Tensor
 
+from .. import lm
+from ..lm import output_layer
 from ..targets import Targets
-from .common import Result, body, output_layer
-from .soft import PromptVectorsConfig, _check, _is_int, run_vectors
+from .common import Result, is_int, require
+from .soft import PromptVectorsConfig, run_vectors
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +84,14 @@ class BoundConfig:
     max_batch: int = 64  # targets per chunk (memory: a few (max_batch, vocab) float64 arrays)
 
     def __post_init__(self):
-        _check(isinstance(self.tol, (int, float)) and self.tol > 0,
-               f"tol={self.tol!r}: use a gradient-norm tolerance > 0, e.g. 1e-6.")
-        _check(_is_int(self.max_iter) and self.max_iter >= 1, f"max_iter={self.max_iter!r}: use an integer ≥ 1.")
-        _check(self.solver in SOLVERS, f"solver={self.solver!r}: use one of {SOLVERS}.")
-        _check(isinstance(self.warm_start, bool), f"warm_start={self.warm_start!r}: use True or False.")
-        _check(_is_int(self.max_batch) and self.max_batch >= 0,
+        require(isinstance(self.tol, (int, float)) and not isinstance(self.tol, bool)
+               and math.isfinite(self.tol) and self.tol > 0,
+               f"tol={self.tol!r}: use a finite gradient-norm tolerance > 0, e.g. 1e-6 (an infinite or NaN "
+               "tol would report any point, however far from the optimum, as a converged bound).")
+        require(is_int(self.max_iter) and self.max_iter >= 1, f"max_iter={self.max_iter!r}: use an integer ≥ 1.")
+        require(self.solver in SOLVERS, f"solver={self.solver!r}: use one of {SOLVERS}.")
+        require(isinstance(self.warm_start, bool), f"warm_start={self.warm_start!r}: use True or False.")
+        require(is_int(self.max_batch) and self.max_batch >= 0,
                f"max_batch={self.max_batch!r}: use an integer ≥ 1, or 0 for one chunk of all targets.")
 
 
@@ -101,7 +106,7 @@ class LayerBoundConfig(PromptVectorsConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _check(self.layer is None or _is_int(self.layer),
+        require(self.layer is None or is_int(self.layer),
                f"layer={self.layer!r}: use an integer layer index (0-based, negative from the end) or None.")
 
 
@@ -501,6 +506,7 @@ def _checked_config(config: BoundConfig | None, model, targets: Targets) -> Boun
     if not isinstance(config, BoundConfig):
         raise TypeError(f"config must be a BoundConfig, got {type(config).__name__}.")
     targets.check_width(model)
+    lm.check(model)  # the output layer read is the model's own (logit transforms included)
     return config
 
 
@@ -543,59 +549,6 @@ def free_bound(model, tokenizer, targets: Targets, config: BoundConfig | None = 
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class NormSpec:
-    """What the final norm can output: γ ⊙ u + β, ‖u‖ < radius (and Σ u = 0 for LayerNorm)."""
-
-    kind: str  # "rms" or "layer"
-    gamma: Tensor  # (d,) float64, the effective scale (Gemma's 1 + w included)
-    beta: Tensor | None  # (d,) float64 LayerNorm bias, else None
-    eps: float
-    radius: float  # √d
-
-
-def final_norm(model):
-    """The model's final normalisation module (Llama/Gemma `norm`, GPT-2 `ln_f`, ...)."""
-    dec = body(model)
-    for name in ("norm", "final_layernorm", "ln_f", "final_norm"):
-        if isinstance(getattr(dec, name, None), torch.nn.Module):
-            return getattr(dec, name)
-    raise NotImplementedError(f"cannot find the final norm of {type(model).__name__}: norm_bound supports "
-                              "decoders whose final norm is `norm`, `final_layernorm`, `ln_f` or `final_norm`.")
-
-
-def norm_spec(model) -> NormSpec:
-    """Read γ (β) from the final-norm module by calling it, and check the formula on a random input."""
-    norm = final_norm(model)
-    d = int(model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config")
-            else model.config.hidden_size)
-    p = next(norm.parameters())
-    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None)
-    if eps is None:
-        raise NotImplementedError(f"{type(norm).__name__} has no `eps`/`variance_epsilon`; norm_bound cannot read it.")
-    kind = "layer" if isinstance(norm, torch.nn.LayerNorm) or "LayerNorm" in type(norm).__name__ else "rms"
-
-    def call(x):
-        with torch.no_grad():
-            return norm(x.to(p.device, p.dtype)[None]).double().cpu()[0]
-
-    x = torch.randn(d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    if kind == "rms":
-        gamma = call(torch.ones(d)) * math.sqrt(1 + eps)  # RMSNorm(1) = γ / √(1 + ε)
-        beta = None
-        expected = gamma * x / torch.sqrt((x * x).mean() + eps)
-    else:
-        beta = call(torch.zeros(d))  # LayerNorm(0) = β
-        gamma = norm.weight.detach().double().cpu() if norm.weight is not None else torch.ones(d, dtype=torch.float64)
-        c = x - x.mean()
-        expected = gamma * c / torch.sqrt((c * c).mean() + eps) + beta
-    got = call(x)
-    if not torch.allclose(got, expected, rtol=1e-2 if p.dtype != torch.float32 else 1e-4, atol=1e-3):
-        raise NotImplementedError(f"the final norm {type(norm).__name__} does not behave like {kind}-norm "
-                                  "γ ⊙ x / √(mean x² + ε) (+ β); norm_bound does not support it.")
-    return NormSpec(kind, gamma, beta, float(eps), math.sqrt(d))
-
-
 def norm_bound(model, tokenizer, targets: Targets, config: BoundConfig | None = None, *,
                progress: bool = True) -> Result:
     """min KL(target ‖ softmax(W h + b)) over the h the model's final norm can output, per target.
@@ -606,13 +559,13 @@ def norm_bound(model, tokenizer, targets: Targets, config: BoundConfig | None = 
     ball; otherwise the minimum is on the sphere, found by the same restarted solver on u = R v/‖v‖
     from the free solution's direction, and certified by its KKT multiplier λ = −⟨∇_u KL, u⟩/R² ≥ 0.
 
-    Returns Result "norm_bound" (as free_bound); meta adds "norm" (kind, eps, radius), "interior",
+    Returns Result "norm_bound" (as free_bound); meta adds "norm" (kind, radius), "interior",
     "multiplier", "certified" (per-target lists; converged and KKT holds).
     """
     config = _checked_config(config, model, targets)
     start = time.perf_counter()
     head = output_layer(model)
-    spec = norm_spec(model)
+    spec = lm.norm_spec(model)
     weight = head.weight.detach().cpu().double() * spec.gamma  # (vocab, d): W diag(γ)
     bias = None if head.bias is None else head.bias.detach().cpu().double()
     if spec.kind == "layer":
@@ -648,7 +601,7 @@ def norm_bound(model, tokenizer, targets: Targets, config: BoundConfig | None = 
     def cat(key):
         return torch.cat([o[key] for o in outs])
 
-    meta = _bound_meta(config, head, norm={"kind": spec.kind, "eps": spec.eps, "radius": spec.radius},
+    meta = _bound_meta(config, head, norm={"kind": spec.kind, "radius": spec.radius},
                        converged=(cat("gnorm") <= config.tol).tolist(), grad_norm=cat("gnorm").tolist(),
                        interior=cat("interior").tolist(), multiplier=cat("multiplier").tolist())
     meta["certified"] = (cat("certified") & (head.softcap is None)).tolist()
@@ -677,7 +630,7 @@ def layer_bound(model, tokenizer, targets: Targets, config: LayerBoundConfig | N
     config = LayerBoundConfig() if config is None else config
     if not isinstance(config, LayerBoundConfig):
         raise TypeError(f"config must be a LayerBoundConfig, got {type(config).__name__}.")
-    n_layers = len(body(model).layers)
+    n_layers = len(lm.layers(model))
     layer = n_layers // 2 if config.layer is None else config.layer
     if not -n_layers <= layer < n_layers:
         raise ValueError(f"layer={config.layer} is out of range for a model with {n_layers} decoder layers; "

@@ -3,7 +3,7 @@
 All T targets run as one batch (row t holds target t's own L vectors); the loss is the sum of the
 per-target KLs, and since Adam is per-parameter the rows never interact: a batch gives the same
 per-target results as T separate runs, up to float rounding. Logits are read at the last position
-only, through `common.next_token_logprobs` (the model body, then the head as one 2-D matmul).
+only, through `lm.last_hidden` and `lm.output_layer` (the model body, then the head as one 2-D matmul).
 
 Shortcuts and choices, stated once:
 - Each target's initialisation is drawn from its own generator, seeded by
@@ -29,32 +29,16 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .. import lm
+from ..lm import allowed_tokens, embed, kl_from_logprobs, last_hidden, logits_width, output_layer
 from ..seeds import derive_seed, generator
-from ..targets import Targets, logits_width
-from .common import (
-    BestTracker,
-    Result,
-    allowed_tokens,
-    body,
-    embed,
-    kl_from_logprobs,
-    last_hidden,
-    output_layer,
-)
+from ..targets import Targets
+from .common import BestTracker, Result, is_int, require
 
 log = logging.getLogger(__name__)
 
 SCHEDULES = ("constant", "cosine")
 INITS = ("vocab", "gaussian")
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True)
@@ -77,25 +61,25 @@ class PromptVectorsConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        _check(_is_int(self.prompt_length) and self.prompt_length >= 1,
+        require(is_int(self.prompt_length) and self.prompt_length >= 1,
                f"prompt_length={self.prompt_length!r}: use an integer ≥ 1 (the number of soft vectors).")
-        _check(_is_int(self.steps) and self.steps >= 0,
+        require(is_int(self.steps) and self.steps >= 0,
                f"steps={self.steps!r}: use an integer ≥ 0 (0 only scores the initial prompt).")
-        _check(isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0,
+        require(isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0,
                f"lr={self.lr!r}: use a finite learning rate > 0, e.g. 0.01.")
-        _check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+        require(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
                f"betas={self.betas!r}: use two numbers in [0, 1), e.g. (0.9, 0.999).")
-        _check(isinstance(self.eps, (int, float)) and self.eps > 0, f"eps={self.eps!r}: use a number > 0, e.g. 1e-8.")
-        _check(self.schedule in SCHEDULES, f"schedule={self.schedule!r}: use one of {SCHEDULES}.")
-        _check(_is_int(self.patience) and self.patience >= 0,
+        require(isinstance(self.eps, (int, float)) and self.eps > 0, f"eps={self.eps!r}: use a number > 0, e.g. 1e-8.")
+        require(self.schedule in SCHEDULES, f"schedule={self.schedule!r}: use one of {SCHEDULES}.")
+        require(is_int(self.patience) and self.patience >= 0,
                f"patience={self.patience!r}: use an integer ≥ 0 (0 turns early stopping off).")
-        _check(isinstance(self.min_delta, (int, float)) and self.min_delta >= 0,
+        require(isinstance(self.min_delta, (int, float)) and self.min_delta >= 0,
                f"min_delta={self.min_delta!r}: use a number of nats ≥ 0.")
-        _check(self.init in INITS, f"init={self.init!r}: use one of {INITS}.")
-        _check(isinstance(self.prefix, str), f"prefix={self.prefix!r}: use a string ('bos', '' or any text).")
-        _check(isinstance(self.suffix, str), f"suffix={self.suffix!r}: use a string ('' or any text).")
-        _check(_is_int(self.seed) and self.seed >= 0, f"seed={self.seed!r}: use an integer ≥ 0.")
-        _check(_is_int(self.max_batch) and self.max_batch >= 0,
+        require(self.init in INITS, f"init={self.init!r}: use one of {INITS}.")
+        require(isinstance(self.prefix, str), f"prefix={self.prefix!r}: use a string ('bos', '' or any text).")
+        require(isinstance(self.suffix, str), f"suffix={self.suffix!r}: use a string ('' or any text).")
+        require(is_int(self.seed) and self.seed >= 0, f"seed={self.seed!r}: use an integer ≥ 0.")
+        require(is_int(self.max_batch) and self.max_batch >= 0,
                f"max_batch={self.max_batch!r}: use an integer ≥ 1, or 0 for one chunk of all targets.")
 
 
@@ -107,31 +91,7 @@ class SoftConfig(PromptVectorsConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _check(isinstance(self.project, bool), f"project={self.project!r}: use True or False.")
-
-
-# --------------------------------------------------------------------------------------------
-# Fixed context: prefix and suffix ids.
-# --------------------------------------------------------------------------------------------
-
-
-def bos_id(model, tokenizer) -> int | None:
-    """The model's BOS token id (tokenizer first, then the model config), or None."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        bos = getattr(model.config, "bos_token_id", None)
-    return None if bos is None else int(bos)
-
-
-def context_ids(model, tokenizer, prefix: str, suffix: str) -> tuple[list[int], list[int]]:
-    """Token ids of the fixed prefix ("bos" = the BOS token, where the model has one) and suffix."""
-    if prefix == "bos":
-        bos = bos_id(model, tokenizer)
-        prefix_ids = [] if bos is None else [bos]
-    else:
-        prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
-    suffix_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
-    return list(prefix_ids), list(suffix_ids)
+        require(isinstance(self.project, bool), f"project={self.project!r}: use True or False.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,15 +110,16 @@ class _Setup:
     prefix: Tensor  # (1, P, d_model) model dtype
     suffix: Tensor  # (1, S, d_model) model dtype
     layer: int | None  # None: vectors are input embeddings; else they replace the output of layer `layer`
+    frame: lm.PromptFrame  # the prefix and suffix around the prompt
 
 
-def _setup(model, prefix_ids: list[int], suffix_ids: list[int], layer: int | None = None) -> _Setup:
+def _setup(model, frame: lm.PromptFrame, layer: int | None = None) -> _Setup:
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     with torch.no_grad():
-        prefix = embed(model, torch.tensor([prefix_ids], dtype=torch.long, device=device)).to(dtype)
-        suffix = embed(model, torch.tensor([suffix_ids], dtype=torch.long, device=device)).to(dtype)
-    return _Setup(model, device, dtype, output_layer(model), prefix, suffix, layer)
+        prefix = embed(model, torch.tensor([frame.prefix_ids], dtype=torch.long, device=device)).to(dtype)
+        suffix = embed(model, torch.tensor([frame.suffix_ids], dtype=torch.long, device=device)).to(dtype)
+    return _Setup(model, device, dtype, output_layer(model), prefix, suffix, layer, frame)
 
 
 class _Inject:
@@ -228,7 +189,7 @@ def _optimize_chunk(setup: _Setup, target_probs: Tensor, init: Tensor, config, b
     handle = None
     if setup.layer is not None:
         hook = _Inject(setup.prefix.shape[1], init.shape[1])
-        handle = body(setup.model).layers[setup.layer].register_forward_hook(hook)
+        handle = lm.layers(setup.model)[setup.layer].register_forward_hook(hook)
     try:
         tracker = BestTracker(n, config.patience, config.min_delta, device=device)
         best_vectors = init.clone()
@@ -314,9 +275,10 @@ def run_vectors(model, tokenizer, targets: Targets, config, *, method: str, laye
     Returns (merged chunk outputs, setup, initial token ids (T, L), start time).
     """
     targets.check_width(model)  # before any compute
+    frame = lm.prompt_frame(model, tokenizer, config.prefix, config.suffix)
+    frame.check_length(config.prompt_length)
     start = time.perf_counter()
-    prefix_ids, suffix_ids = context_ids(model, tokenizer, config.prefix, config.suffix)
-    setup = _setup(model, prefix_ids, suffix_ids, layer)
+    setup = _setup(model, frame, layer)
     init, init_ids = _init_vectors(model, tokenizer, targets.ids, config)
     n = len(targets)
     chunk = config.max_batch or n
@@ -349,12 +311,12 @@ def _residual_after(setup: _Setup, placeholder: Tensor) -> Tensor:
         hidden = output[0] if isinstance(output, tuple) else output
         captured["h"] = hidden[:, p:p + length].float()
 
-    handle = body(setup.model).layers[setup.layer].register_forward_hook(grab)
+    handle = lm.layers(setup.model)[setup.layer].register_forward_hook(grab)
     try:
         with torch.no_grad():
             n = placeholder.shape[0]
             x = torch.cat([setup.prefix.expand(n, -1, -1), placeholder, setup.suffix.expand(n, -1, -1)], dim=1)
-            body(setup.model)(inputs_embeds=x, use_cache=False)
+            lm.body(setup.model)(inputs_embeds=x, use_cache=False)
     finally:
         handle.remove()
     return captured["h"].contiguous()
@@ -389,8 +351,12 @@ def nearest_tokens(model, vectors: Tensor, allowed: Tensor, *, chunk: int = 8192
     return best_id.reshape(vectors.shape[:-1]).cpu()
 
 
-def _project(setup: _Setup, tokenizer, targets: Targets, vectors: Tensor, config) -> tuple[Tensor, list[str], Tensor]:
-    """Nearest-token projection of the best prompts and the KL those hard prompts reach."""
+def _project(setup: _Setup, tokenizer, targets: Targets, vectors: Tensor, config) -> tuple[Tensor, list, Tensor]:
+    """Nearest-token projection of the best prompts: ids (T, L), texts, and the KL those ids reach.
+
+    A text is given only where it re-tokenises, framed, to exactly the projected ids (so the text
+    reaches the reported KL); elsewhere it is None: the ids are the projection, and no string means them.
+    """
     allowed = allowed_tokens(tokenizer, logits_width(setup.model))
     ids = nearest_tokens(setup.model, vectors, allowed)
     chunk = config.max_batch or len(ids)
@@ -401,8 +367,8 @@ def _project(setup: _Setup, tokenizer, targets: Targets, vectors: Tensor, config
             hard = embed(setup.model, ids[sl].to(setup.device)).float()
             lp = _logprobs(setup, hard)
             kls.append(kl_from_logprobs(targets.probs[sl].to(setup.device), lp).cpu())
-    text = [tokenizer.decode(row.tolist()) for row in ids]
-    return ids, text, torch.cat(kls)
+    exact, texts = setup.frame.text_reproduces(ids.tolist())
+    return ids, [t if ok else None for t, ok in zip(texts, exact, strict=True)], torch.cat(kls)
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,7 +390,10 @@ def optimize_soft(model, tokenizer, targets: Targets, config: SoftConfig | None 
         Result with method "soft": kl (T,) best KL in nats, initial_kl (T,), logprobs (T, vocab) at
         the best prompt, steps (T,), trace (steps + 1, T) (row 0 = the initial prompt; NaN once a
         target stopped), prompt_embeds (T, L, d_model) float32, and when `config.project`:
-        prompt_ids (T, L) nearest allowed tokens, prompt_text, projected_kl (T,).
+        prompt_ids (T, L) nearest allowed tokens, projected_kl (T,) the KL those ids reach, and
+        prompt_text: their decoded text where it re-tokenises (framed) to exactly those ids, else
+        None (then no string reproduces the projection; `Result.to_frame` says so in
+        `prompt_text_exact`).
     """
     config = SoftConfig() if config is None else config
     if not isinstance(config, SoftConfig):
@@ -433,9 +402,8 @@ def optimize_soft(model, tokenizer, targets: Targets, config: SoftConfig | None 
     ids = text = projected = None
     if config.project:
         ids, text, projected = _project(setup, tokenizer, targets, out["vectors"], config)
-    prefix_ids, suffix_ids = context_ids(model, tokenizer, config.prefix, config.suffix)
-    meta = {"config": dataclasses.asdict(config), "is_bound": False, "prefix_ids": prefix_ids,
-            "suffix_ids": suffix_ids, "n_chunks": out["n_chunks"], "device": str(setup.device),
+    meta = {"config": dataclasses.asdict(config), "is_bound": False, "prefix_ids": list(setup.frame.prefix_ids),
+            "suffix_ids": list(setup.frame.suffix_ids), "n_chunks": out["n_chunks"], "device": str(setup.device),
             "dtype": str(setup.dtype).replace("torch.", ""), "init_ids": init_ids.tolist()}
     return Result(method="soft", target_ids=targets.ids, kl=out["kl"], initial_kl=out["initial_kl"],
                   logprobs=out["logprobs"], steps=out["steps"], trace=out["trace"],
