@@ -8,7 +8,11 @@ GGUF de-quantisation and tokenizer conversion take 20-60 s, so the first load of
 plain safetensors + tokenizer copy into the cache (`$DPLIB_CACHE`, default the user cache dir),
 keyed by the GGUF's sha256. The entry is written into a temporary directory and renamed into place
 (atomic on one file system), and carries a manifest with the size and sha256 of every file, checked
-on every load: a half-written or corrupt entry is rebuilt, never loaded.
+on every load: a half-written or corrupt entry is rebuilt, never loaded. An entry that passes these
+checks but will not load is rebuilt once; if it still will not load, `ModelLoadError` names it.
+The cache is an optimisation only: where it cannot be written (read-only, `$DPLIB_CACHE` a regular
+file, ...) `writable_cache_dir` logs one warning and the GGUF is converted into a temporary
+directory, loaded from it, and the directory removed; valid entries are still read.
 
 The tiny models (`tiny_model`) are random Llama / Gemma-3 models with a byte-level BPE tokenizer
 trained in memory: no download, a second per build, for unit tests of everything that follows.
@@ -142,6 +146,67 @@ def cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("dplib"))
 
 
+_CACHE_WARNED: set[tuple[str, str]] = set()  # (directory, reason) already warned about
+
+
+def _cache_unusable(path: Path, err: OSError) -> None:
+    """Log, once per directory and reason, that the cache at `path` cannot be used and why."""
+    reason = f"{type(err).__name__}: {err.strerror or err}"
+    if (str(path), reason) in _CACHE_WARNED:
+        return
+    _CACHE_WARNED.add((str(path), reason))
+    root = os.environ.get("DPLIB_CACHE")
+    source = f"DPLIB_CACHE={root!r}" if root else "DPLIB_CACHE is unset, so the user cache dir is used"
+    log.warning("dplib's cache directory %s is unusable (%s; %s); working without the cache, so nothing is "
+                "reused between runs. Set DPLIB_CACHE to a writable directory to enable it.", path, reason, source)
+
+
+def writable_cache_dir(subdir: str) -> Path | None:
+    """`cache_dir() / subdir`, created if missing, if a file can be written and renamed into place there.
+
+    The cache is an optimisation only: if it cannot be used (read-only, `$DPLIB_CACHE` a regular
+    file, no space, ...) this logs a warning naming DPLIB_CACHE, the directory and the reason (once
+    per directory and reason in a process) and returns None; the caller then works without the cache.
+    """
+    path = cache_dir() / subdir
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".probe-")
+        try:
+            os.write(fd, b"dplib")
+        finally:
+            os.close(fd)
+        os.replace(probe, probe + ".done")  # what every cache write ends with
+        os.unlink(probe + ".done")
+    except OSError as err:
+        _cache_unusable(path, err)
+        return None
+    return path
+
+
+def write_cache_file(subdir: str, name: str, write) -> Path | None:
+    """Write `cache_dir() / subdir / name` atomically with `write(binary file)`; its path, or None.
+
+    Readers see no file or a complete one. If the cache is unusable (see `writable_cache_dir`) or
+    the write fails, nothing is left behind, a warning is logged as there, and None is returned.
+    """
+    directory = writable_cache_dir(subdir)
+    if directory is None:
+        return None
+    tmp = None
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=f".{name}.", delete=False) as f:
+            tmp = f.name
+            write(f)
+        os.replace(tmp, directory / name)
+    except OSError as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        _cache_unusable(directory, err)
+        return None
+    return directory / name
+
+
 def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -204,17 +269,24 @@ def _gguf_architecture(gguf: Path) -> str:
         return "unknown"
 
 
-def _cached_copy(key: str, make_gguf, label: str) -> tuple[Path, bool]:
-    """Return (path of a valid cache entry for `key`, whether it was already there), building it if needed."""
+def _cached_copy(key: str, make_gguf, label: str) -> tuple[Path, bool, bool]:
+    """(directory to load, whether it was already cached, whether it is temporary) for the GGUF with sha256 `key`.
+
+    A valid cache entry is returned as is; otherwise the entry is built. If the cache cannot be
+    written (`writable_cache_dir` warns) the GGUF is converted into a temporary directory instead
+    (temporary True): the caller loads it, then removes it.
+    """
     entry = _entry_dir(key)
     if entry.exists():
         if _entry_is_valid(entry, key):
-            return entry, True
+            return entry, True, False
         log.warning("cache entry %s for %s is incomplete or corrupt; rebuilding it", entry, label)
         shutil.rmtree(entry, ignore_errors=True)
-    entry.parent.mkdir(parents=True, exist_ok=True)
+    if writable_cache_dir("models") is None:
+        return _temporary_copy(make_gguf, label), False, True
     log.info("converting %s (first load; 20-60 s); the copy goes to %s", label, entry)
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
+    keep = False  # True: tmp itself is returned, as a temporary copy
     try:
         with tempfile.TemporaryDirectory(dir=entry.parent, prefix=".scratch-") as scratch:
             _convert_gguf(Path(make_gguf(scratch)), tmp)
@@ -223,12 +295,29 @@ def _cached_copy(key: str, make_gguf, label: str) -> tuple[Path, bool]:
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         try:
             os.rename(tmp, entry)  # atomic: the entry is either absent or complete
-        except OSError:
-            if not _entry_is_valid(entry, key):  # a concurrent build won the race; keep theirs if sound
-                raise
+        except OSError as err:
+            if not _entry_is_valid(entry, key):  # else a concurrent build won the race: keep theirs
+                # e.g. a corrupt entry that could not be removed: load this copy, then drop it
+                _cache_unusable(entry, err)
+                keep = True
+                return tmp, False, True
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return entry, False
+        if not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return entry, False, False
+
+
+def _temporary_copy(make_gguf, label: str) -> Path:
+    """Convert the GGUF into a new temporary directory (the cache being unusable); the caller removes it."""
+    log.info("converting %s (20-60 s) into a temporary directory: the cache is unusable", label)
+    out = Path(tempfile.mkdtemp(prefix="dplib-model-"))
+    try:
+        with tempfile.TemporaryDirectory(prefix="dplib-scratch-") as scratch:
+            _convert_gguf(Path(make_gguf(scratch)), out)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,19 +347,24 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "au
     Returns:
         (model, tokenizer): the model in eval mode with every parameter's `requires_grad` off.
         `model.dplib_source` is a dict saying where the weights came from
-        (`kind`, `source`, `cache_dir`, `cache_hit`).
+        (`kind`, `source`, `cache_dir`, `cache_hit`); for a GGUF, `cache_dir` is None when the
+        cache was unusable and the model was loaded from a temporary conversion (now removed).
+
+    Raises:
+        ModelLoadError: the model cannot be found or loaded, or a GGUF's cache entry still would
+            not load after being rebuilt once (the message names the entry).
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     name = os.fspath(name_or_path)
     path = Path(name).expanduser()
     info: dict = {"name": name}
+    gguf = None  # (sha256, function giving the GGUF's path in a scratch dir, label) if loaded via the cache
 
     if path.exists():
         if path.is_file() and path.suffix == ".gguf":
-            key = _file_sha256(path)
-            directory, hit = _cached_copy(key, lambda scratch: path, str(path))
-            info |= {"kind": "gguf", "source_sha256": key, "cache_dir": str(directory), "cache_hit": hit}
+            gguf = (_file_sha256(path), lambda scratch: path, str(path))
+            info |= {"kind": "gguf"}
         elif path.is_dir():
             if not (path / "config.json").is_file():
                 raise ModelLoadError(f"{name!r} is not a loadable Hugging Face model directory (no config.json). "
@@ -280,9 +374,8 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "au
         else:
             raise ModelLoadError(f"{name!r} exists but is neither a .gguf file nor a model directory. Accepted: {_accepted()}.")
     elif name in EMBEDDED:
-        key, make_gguf = _embedded_source(EMBEDDED[name])
-        directory, hit = _cached_copy(key, make_gguf, name)
-        info |= {"kind": "embedded", "source_sha256": key, "cache_dir": str(directory), "cache_hit": hit}
+        gguf = (*_embedded_source(EMBEDDED[name]), name)
+        info |= {"kind": "embedded"}
     elif _HUB_ID.match(name):
         directory = name
         info |= {"kind": "hub", "cache_hit": None}
@@ -291,10 +384,10 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "au
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ModelLoadError(f"Unknown model {name!r}.{hint} Accepted: {_accepted()}.")
 
-    model, tokenizer = _from_pretrained(directory, dt, trust_remote_code, info)
-    if info.get("cache_dir") and model is None:  # the entry passed its checks but would not load: rebuild once
-        shutil.rmtree(info["cache_dir"], ignore_errors=True)
-        return load_model(name_or_path, device, dtype, trust_remote_code=trust_remote_code)
+    if gguf is None:
+        model, tokenizer = _from_pretrained(directory, dt, trust_remote_code, info)
+    else:
+        model, tokenizer = _load_gguf(*gguf, dt, trust_remote_code, info)
     model.to(dev)
     model.eval()
     model.requires_grad_(False)
@@ -302,7 +395,37 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "au
     return model, tokenizer
 
 
+def _load_gguf(key: str, make_gguf, label: str, dtype, trust_remote_code: bool, info: dict):
+    """(model, tokenizer) from the GGUF's converted copy. An entry that passes its checks but will
+    not load is rebuilt once; if the rebuilt one fails too, `ModelLoadError` names it."""
+    for attempt in (1, 2):
+        directory, hit, temporary = _cached_copy(key, make_gguf, label)
+        info |= {"source_sha256": key, "cache_dir": None if temporary else str(directory), "cache_hit": hit}
+        try:
+            return _from_pretrained(directory, dtype, trust_remote_code, info)
+        except Exception as err:
+            if temporary:
+                raise ModelLoadError(
+                    f"{label} was converted from GGUF, but transformers cannot load the converted copy "
+                    f"({type(err).__name__}: {err}). Update transformers (pip install -U transformers), or "
+                    "pass a hub id / local Hugging Face directory of the same model instead.") from err
+            if attempt == 2:
+                raise ModelLoadError(
+                    f"The cache entry {directory} (the converted copy of {label}) would not load even after "
+                    f"it was rebuilt: {type(err).__name__}: {err}\nDelete it (rm -r '{directory}') or set "
+                    "DPLIB_CACHE to another directory, and load again.") from err
+            log.warning("cache entry %s for %s would not load (%s: %s); rebuilding it once",
+                        directory, label, type(err).__name__, err)
+            shutil.rmtree(directory, ignore_errors=True)
+        finally:
+            if temporary:
+                shutil.rmtree(directory, ignore_errors=True)
+    raise AssertionError("unreachable")
+
+
 def _from_pretrained(directory, dtype, trust_remote_code, info):
+    """(model, tokenizer) from a HF directory or hub id; errors loading a cache entry propagate
+    (`_load_gguf` decides what to do with them)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -318,12 +441,6 @@ def _from_pretrained(directory, dtype, trust_remote_code, info):
         if info["kind"] == "local":
             raise ModelLoadError(f"{info['name']!r} is not a loadable Hugging Face model directory "
                                  f"(config.json, safetensors weights and a tokenizer): {err}") from err
-        log.warning("cache entry %s would not load (%s); rebuilding it", directory, err)
-        return None, None
-    except Exception as err:  # noqa: BLE001
-        if info.get("cache_dir"):
-            log.warning("cache entry %s would not load (%s); rebuilding it", directory, err)
-            return None, None
         raise
     return model, tokenizer
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import math
+import threading
 
 import pandas as pd
 import pytest
@@ -214,3 +216,125 @@ def test_smollm2_hierarchy(smollm2):
     soft = optimize_soft(model, tok, targets, SoftConfig(steps=40, prompt_length=5), progress=False)
     assert (free.kl <= norm.kl + 1e-6).all(), (free.kl, norm.kl)
     assert (norm.kl <= soft.kl + 1e-6).all(), (norm.kl, soft.kl)
+
+
+# ---------------------------------------------------------------- robustness: tol, non-finite input, solver errors
+
+
+def _in_thread(fn, timeout=60.0) -> dict:
+    """Run fn() in a daemon thread, failing the test if it is still running after `timeout` s (a hang).
+
+    Returns {"value": its result} or {"error": the exception it raised}.
+    """
+    out = {}
+
+    def target():
+        try:
+            out["value"] = fn()
+        except BaseException as err:  # noqa: BLE001 - handed to the test
+            out["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"still running after {timeout} s: it hangs"
+    return out
+
+
+def _small_objective(weight, probs):
+    """The free-h objective of a bare (vocab, k) weight matrix, scale 1, no bias or soft-capping."""
+    from dplib.optim.bound import _gram, _Objective, _row_covariance
+
+    gram, colsum = _gram(weight)
+    return _Objective(weight, None, 1.0, None, probs, _row_covariance(gram, colsum, len(weight)))
+
+
+def _small_problem(n=4, vocab=40, k=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(vocab, k, generator=g, dtype=torch.float64)
+    probs = torch.softmax(torch.randn(n, vocab, generator=g, dtype=torch.float64), -1)
+    return weight, probs
+
+
+@pytest.mark.parametrize("tol", [math.inf, -math.inf, math.nan, -1e-6, True, "1e-6", None])
+def test_bound_config_rejects_non_finite_or_non_number_tol(tol):
+    # tol=inf (or True, i.e. 1) would report an unconverged point as a certified bound
+    with pytest.raises(ValueError, match=r"tol=.*finite gradient-norm tolerance > 0, e\.g\. 1e-6"):
+        BoundConfig(tol=tol)
+    assert BoundConfig(tol=1).tol == 1 and BoundConfig(tol=1e-9).tol == 1e-9
+
+
+@pytest.mark.parametrize("where, row", [("weight", 10), ("point", 11)])
+def test_non_finite_hessian_raises_instead_of_hanging(where, row):
+    weight, probs = _small_problem(n=3)
+    h = torch.zeros(3, weight.shape[1], dtype=torch.float64)
+    if where == "weight":
+        weight[7, 2] = math.nan  # every row's Hessian is NaN: the first one is reported
+    else:
+        h[1, 0] = math.inf  # only the second row's
+    obj = _small_objective(weight, probs)
+    _, _, cache = obj.evaluate(h, torch.arange(3))
+    out = _in_thread(lambda: obj.preconditioner(cache, torch.tensor([10, 11, 12])))
+    err = out.get("error")
+    assert isinstance(err, FloatingPointError), out
+    assert f"target row {row}" in str(err) and "NaN or inf" in str(err) and "finite" in str(err)
+
+
+def test_preconditioner_of_all_zero_weights_is_finite():
+    # a zero Hessian gave a zero jitter, which the old loop multiplied by 100 forever
+    _, probs = _small_problem(n=2)
+    obj = _small_objective(torch.zeros(40, 6, dtype=torch.float64), probs)
+    _, _, cache = obj.evaluate(torch.zeros(2, 6, dtype=torch.float64), torch.arange(2))
+    m, inv_norm = _in_thread(lambda: obj.preconditioner(cache))["value"]
+    assert torch.isfinite(m).all() and torch.isfinite(inv_norm).all()
+
+
+class _FailsOnCall:
+    """An objective whose `evaluate` raises on its `fail_at`-th call."""
+
+    def __init__(self, obj, fail_at: int):
+        self.obj, self.fail_at, self.calls = obj, fail_at, 0
+
+    def evaluate(self, x, rows):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("evaluate failed on purpose")
+        return self.obj.evaluate(x, rows)
+
+    def __getattr__(self, name):
+        return getattr(self.obj, name)
+
+
+def test_error_in_the_batched_objective_stops_every_solver_thread():
+    from dplib.optim.bound import _solve
+
+    weight, probs = _small_problem(n=4)
+    obj = _FailsOnCall(_small_objective(weight, probs), fail_at=3)
+    before = set(threading.enumerate())
+    out = _in_thread(lambda: _solve(obj, torch.zeros(4, weight.shape[1], dtype=torch.float64), BoundConfig()),
+                     timeout=20)
+    err = out.get("error")
+    assert type(err) is RuntimeError and str(err) == "evaluate failed on purpose", out  # the original error
+    assert obj.calls == 3  # nothing was evaluated after the failure
+    left = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    assert left == [], f"solver threads left running: {left}"
+
+
+def test_a_failing_row_keeps_its_start_and_does_not_block_the_others(monkeypatch, caplog):
+    from dplib.optim import bound
+
+    real = bound._restart
+
+    def restart(hub, row, *args, **kwargs):
+        if row == 1:
+            raise ValueError("row 1 fails on purpose")
+        return real(hub, row, *args, **kwargs)
+
+    monkeypatch.setattr(bound, "_restart", restart)
+    weight, probs = _small_problem(n=4)
+    x0 = torch.zeros(4, weight.shape[1], dtype=torch.float64)
+    h, gnorm, iters, _ = _in_thread(lambda: bound._solve(_small_objective(weight, probs), x0, BoundConfig()),
+                                    timeout=20)["value"]
+    assert torch.equal(h[1], x0[1]) and iters[1] == 0
+    assert (gnorm[[0, 2, 3]] <= 1e-6).all(), gnorm
+    assert "row 1 fails on purpose" in caplog.text

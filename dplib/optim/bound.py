@@ -172,28 +172,44 @@ class _Objective:
             dr = dr * slope + curve_r * du
         return self.s * (dr @ self.w)
 
-    def preconditioner(self, cache) -> tuple[Tensor, Tensor]:
+    def preconditioner(self, cache, rows=None) -> tuple[Tensor, Tensor]:
         """(M (A, k, k), ‖M⁻¹‖₂ upper bound (A,)) with Mᵀ Ĥ M = I at the cached points.
 
         Ĥ = Σ_{i ∈ top} q_i a_i a_iᵀ + max(1 − Σ_top q_i, TAIL_FLOOR) s² C + δ I, a_i = J_i − Σ_top q_j J_j, J_i = s·slope_i·w_i:
         the Gauss-Newton Hessian s²·Jᵀ(diag q − q qᵀ)J over the most probable tokens, the tail modelled
         by the row covariance C, δ only to keep the Cholesky factor finite.
+        `rows` (A,) are the target rows of the cached points, for error messages (default 0..A−1).
+        Raises FloatingPointError if Ĥ is not finite (NaN/inf in the weights, or in the point, e.g.
+        from non-finite targets) or cannot be factorised; it never loops forever.
         """
         q, slope, _ = cache
         eye = torch.eye(self.w.shape[1], dtype=torch.float64)
         ms, norms = [], []
         for i in range(len(q)):
+            row = i if rows is None else int(rows[i])
             top = torch.topk(q[i], min(PRECOND_TOKENS, len(q[i]))).indices
             jac = self.w[top] * self.s if slope is None else self.w[top] * (self.s * slope[i, top, None])
             qt = q[i, top]
             a = jac - qt @ jac
             hess = (a * qt[:, None]).T @ a + max(1 - float(qt.sum()), TAIL_FLOOR) * self.s**2 * self.cov
-            jitter = 1e-12 * float(hess.diagonal().mean())
-            while True:  # δ grows until the factorisation succeeds (needed only for degenerate W)
+            if not bool(torch.isfinite(hess).all()):
+                raise FloatingPointError(
+                    f"the bound's Hessian for target row {row} (counted within its chunk of max_batch targets) "
+                    "is not finite: the target probabilities, the output-layer weights or the solver's point "
+                    "contain NaN or inf. Check that the targets and the model's weights are finite "
+                    "(e.g. torch.isfinite(targets.probs).all()).")
+            # δ grows until the factorisation succeeds (needed only for degenerate W); Ĥ is finite and
+            # positive semi-definite, so a δ of up to 1e28 × its scale always does.
+            jitter = max(1e-12 * float(hess.diagonal().abs().mean()), 1e-300)
+            for _ in range(21):
                 chol, info = torch.linalg.cholesky_ex(hess + jitter * eye)
                 if int(info) == 0:
                     break
                 jitter *= 100
+            else:
+                raise FloatingPointError(
+                    f"the bound's Hessian for target row {row} could not be factorised even with a jitter of "
+                    f"{jitter / 100:.3g}; the output-layer weights are degenerate or badly scaled.")
             ms.append(torch.linalg.solve_triangular(chol, eye, upper=False).T)  # M = L⁻ᵀ, Ĥ = L Lᵀ
             norms.append(float(hess.diagonal().sum() + len(eye) * jitter) ** 0.5)  # ‖Lᵀ‖₂ ≤ √trace
         return torch.stack(ms), torch.tensor(norms, dtype=torch.float64)
@@ -229,11 +245,11 @@ class _Sphere:
             + (g * vh).sum(-1, keepdim=True) * proj(w)
         return (self.R / r) * proj(hu) - (self.R / r**2) * second
 
-    def preconditioner(self, cache) -> tuple[Tensor, Tensor]:
+    def preconditioner(self, cache, rows=None) -> tuple[Tensor, Tensor]:
         # Near the sphere the Hessian in v is ≈ (R/r)² P H_u P, so the base coordinates scaled by r/R
         # fit it; along v̂ it is ~0, but the gradient has no v̂ component, so CG never moves that way.
         base_cache, r, _, _ = cache
-        m, norm = self.base.preconditioner(base_cache)
+        m, norm = self.base.preconditioner(base_cache, rows)
         ratio = (r / self.R).squeeze(-1)
         return m * ratio[:, None, None], norm / ratio
 
@@ -255,6 +271,11 @@ def _stack(caches: list):
     return torch.cat(caches)
 
 
+class _ServerFailed(RuntimeError):
+    """Raised in a solver thread by `_Lockstep.ask` once the server has failed; its cause is the
+    server's error, which the main thread re-raises from `_solve`."""
+
+
 class _Lockstep:
     """One SciPy minimisation per target, each in its own thread, computed together.
 
@@ -263,6 +284,8 @@ class _Lockstep:
     live thread is waiting, the main thread answers all of them with batched matmuls. Each target
     thus gets its own, unmodified SciPy solver (own line search, own CG, own stopping), while the
     cost is that of one batched matmul per round of requests.
+    If answering fails (say `obj.evaluate` raises), every thread is woken: its pending and later
+    `ask`s raise `_ServerFailed` from that error; once every thread is done, `serve` re-raises it.
     """
 
     def __init__(self, obj, n: int):
@@ -273,14 +296,19 @@ class _Lockstep:
         self.alive = n
         self.cache: dict[int, tuple] = {}  # row -> (x as numpy, cache at x)
         self.calls = 0
+        self.error: BaseException | None = None  # the server's failure, once it has failed
 
     def ask(self, row: int, kind: str, x: np.ndarray, v: np.ndarray | None = None):
         with self.cv:
-            self.pending[row] = (kind, x, v)
-            self.cv.notify_all()
-            while row not in self.answers:
-                self.cv.wait()
-            return self.answers.pop(row)
+            if self.error is None:
+                self.pending[row] = (kind, x, v)
+                self.cv.notify_all()
+                while row not in self.answers and self.error is None:
+                    self.cv.wait()
+                if row in self.answers:
+                    return self.answers.pop(row)
+            self.pending.pop(row, None)
+            raise _ServerFailed(f"the bound solver's server failed: {self.error!r}") from self.error
 
     def done(self):
         with self.cv:
@@ -288,17 +316,27 @@ class _Lockstep:
             self.cv.notify_all()
 
     def serve(self):
-        while True:
+        """Answer rounds of requests until every thread is done; on an error, stop them all, then re-raise it."""
+        try:
+            while True:
+                with self.cv:
+                    while len(self.pending) < self.alive:
+                        self.cv.wait()
+                    if self.alive == 0:
+                        return
+                    batch, self.pending = self.pending, {}
+                answers = self._answer(batch)
+                with self.cv:
+                    self.answers.update(answers)
+                    self.cv.notify_all()
+        except BaseException as err:  # KeyboardInterrupt too: no thread may be left waiting
             with self.cv:
-                while len(self.pending) < self.alive:
+                self.error = err
+                self.pending.clear()
+                self.cv.notify_all()  # every waiting ask raises; later ones raise at once
+                while self.alive > 0:
                     self.cv.wait()
-                if self.alive == 0:
-                    return
-                batch, self.pending = self.pending, {}
-            answers = self._answer(batch)
-            with self.cv:
-                self.answers.update(answers)
-                self.cv.notify_all()
+            raise
 
     def _answer(self, batch: dict) -> dict:
         self.calls += 1
@@ -317,7 +355,7 @@ class _Lockstep:
                 answers[r] = hv[i].numpy().copy()
         pre = [r for r, (kind, _, _) in batch.items() if kind == "m"]
         if pre:
-            m, inv_norm = self.obj.preconditioner(_stack([self.cache[r][1] for r in pre]))
+            m, inv_norm = self.obj.preconditioner(_stack([self.cache[r][1] for r in pre]), pre)
             for i, r in enumerate(pre):
                 answers[r] = (m[i].numpy().copy(), float(inv_norm[i]))
         for r, (kind, _, _) in batch.items():
@@ -365,7 +403,8 @@ def _solve(obj, x0: Tensor, config: BoundConfig):
     Restarts: first `GLOBAL_ITERS` iterations of trust-krylov, then runs of at most `REFRESH` iterations
     of `config.solver`, each in fresh preconditioned coordinates (see the module docstring). A target
     stops when ‖∇_h‖ ≤ tol, after `max_iter` iterations in all, or when a restart makes no progress
-    (neither f nor ‖∇‖ decreases).
+    (neither f nor ‖∇‖ decreases). A row whose own solver fails keeps its best point so far (logged);
+    an error in the batched computation (`obj`) stops every row and is re-raised here.
     Returns (h (T, k), ‖∇_h‖ (T,), iterations (T,), trace (n_iter + 1, T) KL per iteration).
     """
     n, k = x0.shape
@@ -395,6 +434,8 @@ def _solve(obj, x0: Tensor, config: BoundConfig):
                         continue  # every trust-region step was rejected: go on with the local solver
                     break  # the solver can make no more progress from here
                 h, f, gnorm = new_h, new_f, new_gnorm
+        except _ServerFailed:
+            pass  # the server failed: _solve re-raises its error once every thread is done
         except Exception as err:  # noqa: BLE001 - reported, and the row keeps its best point so far
             log.warning("bound solver failed on row %d: %s", row, err)
         finally:
@@ -404,9 +445,11 @@ def _solve(obj, x0: Tensor, config: BoundConfig):
     threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
     for t in threads:
         t.start()
-    hub.serve()
-    for t in threads:
-        t.join()
+    try:
+        hub.serve()  # if answering fails, it stops every thread and re-raises the error here
+    finally:
+        for t in threads:
+            t.join()
     x = torch.from_numpy(np.stack([results[i][0] for i in range(n)])).double()
     _, grad, _ = obj.evaluate(x, torch.arange(n))
     gnorm = grad.norm(dim=-1)
