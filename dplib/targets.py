@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -750,18 +749,21 @@ def reference(model, tokenizer, contexts: Sequence[str] | Sequence[Sequence[int]
 # --------------------------------------------------------------------------------------------
 
 MAP_METHODS = ("first_token", "exact")
-_MAP_FORMAT = 1  # bump when the way maps are built changes: old disk entries are then ignored
+_MAP_FORMAT = 2  # bump when the way maps are built changes: old disk entries are then ignored
 _MAPS: dict[str, VocabMap] = {}  # in-memory cache, keyed like the disk cache
 
 
 @dataclass(frozen=True)
 class VocabMap:
-    """A string-level map from a source vocabulary to a target vocabulary.
+    """A byte-level map from a source vocabulary to a target vocabulary.
 
     It is the sparse (source_width, target_vocab_size) 0/1 matrix with at most one 1 per row,
     stored as `dest`: (source_width,) int64, the target id that source token v's mass goes to,
-    or −1 where the mass is lost (special tokens, padding rows, empty or partial-UTF-8 strings,
-    strings whose target token is special; with "exact", strings that are not one target token).
+    or −1 where the mass is lost. Between two different tokenizers the lost rows are the source's
+    special tokens, its padding rows (≥ len(source_tokenizer)), tokens without bytes, tokens whose
+    target token is special or ≥ target_vocab_size, and with "exact" tokens whose bytes are not
+    one target token; from a tokenizer onto itself nothing is lost but padding rows beyond
+    target_vocab_size (see `vocab_map`).
     """
 
     dest: Tensor
@@ -782,11 +784,19 @@ class VocabMap:
                                        check_invariants=True).coalesce()
 
     def apply(self, probs: Tensor) -> tuple[Tensor, Tensor]:
-        """(T, source_width) probabilities → ((T, target_vocab_size) float64 mapped mass, (T,) mass lost)."""
+        """(T, source_width) probabilities → ((T, target_vocab_size) float64 mapped mass, (T,) mass lost).
+
+        The mass lost is 1 − the mapped mass, clamped to [0, 1], for rows with mass on a lost
+        source token, and exactly 0 for the others (a row that loses nothing is copied
+        unchanged, whatever rounding its sum carries).
+        """
         kept = self.dest >= 0
+        probs = probs.detach().cpu()
         mapped = torch.zeros(len(probs), self.target_vocab_size, dtype=torch.float64)
-        mapped.index_add_(1, self.dest[kept], probs[:, kept].double().cpu())
-        return mapped, (1.0 - mapped.sum(-1)).clamp(0.0, 1.0)
+        mapped.index_add_(1, self.dest[kept], probs[:, kept].double())
+        dropped = (probs[:, ~kept] > 0).any(-1)
+        lost = torch.where(dropped, (1.0 - mapped.sum(-1)).clamp(0.0, 1.0), torch.zeros((), dtype=torch.float64))
+        return mapped, lost
 
 
 def _tokenizer_fingerprint(tokenizer) -> str:
@@ -814,25 +824,131 @@ def _special_ids(tokenizer) -> set[int]:
     return ids
 
 
+def _gpt2_unicode_to_byte() -> dict[str, int]:
+    """The inverse of GPT-2's bytes → printable-unicode table, which byte-level BPE vocabularies use."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: b for b in printable}
+    for b in range(256):
+        if b not in chars:
+            chars[b] = 256 + len(chars) - len(printable)
+    return {chr(c): b for b, c in chars.items()}
+
+
+_GPT2_BYTES = _gpt2_unicode_to_byte()
+
+
+def _bytes_reader(tokenizer) -> tuple[str, str, bool]:
+    """How to read a token's raw bytes from its vocabulary string: (kind, space marker, byte fallback).
+
+    Decided from the tokenizer.json's decoder, which is what turns tokens back into bytes. kind is
+    "byte_level" (the decoder, or with no decoder the pre-tokenizer, is ByteLevel: GPT-2, SmolLM2,
+    Llama-3, dplib's tiny tokenizers), "sentencepiece" (the decoder turns a marker such as "▁"
+    into a space, by Metaspace or Replace, and/or reads "<0xNN>" pieces as bytes, by ByteFallback:
+    Gemma, Llama-2, T5) or "decode" (anything else: each token is decoded alone).
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return "decode", "", False
+    try:
+        spec = json.loads(backend.to_str())
+    except (TypeError, ValueError, AttributeError):
+        return "decode", "", False
+
+    def parts(node, key):
+        node = node or {}
+        return [p or {} for p in node.get(key, [])] if node.get("type") == "Sequence" else [node]
+
+    decoders = parts(spec.get("decoder"), "decoders")
+    types = {d.get("type") for d in decoders}
+    if "ByteLevel" in types or (types == {None} and "ByteLevel" in {
+            p.get("type") for p in parts(spec.get("pre_tokenizer"), "pretokenizers")}):
+        return "byte_level", "", False
+    marker = ""
+    for d in decoders:
+        if d.get("type") == "Metaspace":
+            marker = d.get("replacement", "\u2581")
+        elif d.get("type") == "Replace" and d.get("content") == " " and isinstance(d.get("pattern"), dict):
+            marker = d["pattern"].get("String") or marker
+    if marker or "ByteFallback" in types:
+        return "sentencepiece", marker, "ByteFallback" in types
+    return "decode", "", False
+
+
+def _token_bytes(tokenizer, n: int) -> tuple[list[bytes | None], list[bool]]:
+    """The raw bytes of tokens 0..n−1 (None where unknown) and which are byte-fallback pieces "<0xNN>".
+
+    Read from the vocabulary strings as the tokenizer's decoder reads them (see `_bytes_reader`),
+    so a byte-level token that is part of a UTF-8 character keeps its bytes (it decodes alone to
+    U+FFFD). For a tokenizer of another kind each token is decoded alone, and tokens that decode
+    to U+FFFD or to nothing get None.
+    """
+    kind, marker, pieces = _bytes_reader(tokenizer)
+    strings = tokenizer.convert_ids_to_tokens(list(range(n))) if kind != "decode" else []
+    fallback = [False] * n
+    if kind == "byte_level":
+        def read(s):  # as tokenizers' ByteLevel decoder: a string with a char outside the table is literal
+            try:
+                return bytes(_GPT2_BYTES[c] for c in s)
+            except KeyError:
+                return s.encode("utf-8")
+        out = [None if s is None else read(s) for s in strings]
+    elif kind == "sentencepiece":
+        out = []
+        for i, s in enumerate(strings):
+            if s is None:
+                out.append(None)
+            elif pieces and len(s) == 6 and s.startswith("<0x") and s.endswith(">") \
+                    and all(c in "0123456789abcdefABCDEF" for c in s[3:5]):
+                out.append(bytes([int(s[3:5], 16)]))
+                fallback[i] = True
+            else:
+                out.append((s.replace(marker, " ") if marker else s).encode("utf-8"))
+    else:
+        log.warning("cannot read raw token bytes from a %s; decoding each token alone (tokens that are "
+                    "part of a UTF-8 character are lost)", type(tokenizer).__name__)
+        texts = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False,
+                                       clean_up_tokenization_spaces=False)
+        out = [t.encode("utf-8") if t and "\ufffd" not in t else None for t in texts]
+    return out, fallback
+
+
+def _utf8_prefix(data: bytes) -> tuple[str, bool]:
+    """(the longest prefix of `data` that is valid UTF-8, as text; whether that is all of it)."""
+    try:
+        return data.decode("utf-8"), True
+    except UnicodeDecodeError as e:
+        return data[:e.start].decode("utf-8"), False
+
+
 def vocab_map(source_tokenizer, target_tokenizer, *, source_width: int, target_vocab_size: int,
               method: str = "first_token") -> VocabMap:
-    """The (cached) string-level map from a source vocabulary of width `source_width` to a target one.
+    """The (cached) byte-level map from a source vocabulary of width `source_width` to a target one.
 
-    Each source token v < len(source_tokenizer) is decoded alone to its string; the strings are
-    encoded by the target tokenizer in one batched call, without special tokens; "first_token"
-    sends v's mass to the first resulting token, "exact" only where the string is exactly one
-    target token. Lost (dest −1): special tokens, padding rows ≥ len(source_tokenizer), empty
-    strings, strings with U+FFFD (a byte-level token that is only part of a UTF-8 character
-    decodes to the replacement character, which says nothing about the bytes: its mass is lost
-    rather than sent to the target's "�"), and strings whose target token is special or
-    ≥ target_vocab_size.
+    The same tokenizer on both sides (equal fingerprints) gives the identity on every row below
+    min(source_width, target_vocab_size), special tokens and padding rows included; wider target
+    rows get nothing. Otherwise each source token v < len(source_tokenizer) is placed by its raw
+    bytes (read from its vocabulary string: GPT-2 byte-level, or SentencePiece "▁" and "<0xNN>"
+    byte fallback; see `_token_bytes`):
+    (a) onto a non-special target token with exactly these bytes: v itself if it qualifies, else
+        the lowest id among regular tokens, else among byte-fallback pieces (the token the target
+        tokenizer itself produces for these bytes);
+    (b) else, if the bytes are valid UTF-8, its text is encoded by the target tokenizer (batched,
+        without special tokens): "first_token" takes the first token, "exact" only a single token;
+    (c) else (part of a UTF-8 character, e.g. the lone byte 0xE2) "first_token" takes the first
+        token of its longest valid UTF-8 prefix, or where that is empty the target token that is
+        exactly its first byte (byte-level and byte-fallback vocabularies have one per byte);
+        "exact" loses it.
+    Lost (dest −1): the source's special tokens, padding rows ≥ len(source_tokenizer), tokens
+    with no bytes, tokens whose target token is special or ≥ target_vocab_size, and as above.
 
     Cached in memory and on disk under `cache_dir()/vocab_maps/<key>.npy` (written atomically),
-    keyed by a hash of both tokenizers (their full tokenizer.json), the method and both widths.
+    keyed by a hash of both tokenizers (their full tokenizer.json), the method, both widths and
+    the map format. If the disk cache cannot be written, one warning is logged and the map is kept
+    in memory only.
     """
     if method not in MAP_METHODS:
         raise TargetError(f"method={method!r} is not a mapping method; use one of {MAP_METHODS}.")
-    from .models import cache_dir
+    from .models import cache_dir, write_cache_file
 
     key = hashlib.sha256("|".join(map(str, [
         _tokenizer_fingerprint(source_tokenizer), _tokenizer_fingerprint(target_tokenizer), method,
@@ -852,40 +968,73 @@ def vocab_map(source_tokenizer, target_tokenizer, *, source_width: int, target_v
             log.warning("vocab map cache entry %s is unreadable; rebuilding it", path)
     if dest is None:
         dest = _build_dest(source_tokenizer, target_tokenizer, source_width, target_vocab_size, method)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{key}.", suffix=".npy", delete=False) as f:
-            np.save(f, dest.numpy().astype(np.int32))
-        os.replace(f.name, path)  # atomic: readers see no file or a complete one
+        write_cache_file("vocab_maps", path.name, lambda f: np.save(f, dest.numpy().astype(np.int32)))
     _MAPS[key] = VocabMap(dest, target_vocab_size, method, key)
     return _MAPS[key]
 
 
 def _build_dest(source_tokenizer, target_tokenizer, source_width: int, target_vocab_size: int,
                 method: str) -> Tensor:
-    n = min(len(source_tokenizer), source_width)
-    strings = source_tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False,
-                                            clean_up_tokenization_spaces=False)
-    src_special = _special_ids(source_tokenizer)
-    usable = [i for i, s in enumerate(strings) if s and "\ufffd" not in s and i not in src_special]
-    encoded = target_tokenizer([strings[i] for i in usable], add_special_tokens=False)["input_ids"]
-    tgt_special = _special_ids(target_tokenizer)
+    """(source_width,) int64 target ids, −1 where lost: the rules of `vocab_map`."""
     dest = torch.full((source_width,), -1, dtype=torch.long)
-    for i, ids in zip(usable, encoded, strict=True):
+    if _tokenizer_fingerprint(source_tokenizer) == _tokenizer_fingerprint(target_tokenizer):
+        m = min(source_width, target_vocab_size)
+        dest[:m] = torch.arange(m)
+        log.info("vocab map (%s): the same tokenizer on both sides, identity on %d of %d rows",
+                 method, m, source_width)
+        return dest
+    n = min(len(source_tokenizer), source_width)
+    m = min(len(target_tokenizer), target_vocab_size)
+    src_bytes, _ = _token_bytes(source_tokenizer, n)
+    tgt_bytes, tgt_fallback = _token_bytes(target_tokenizer, m)
+    src_special, tgt_special = _special_ids(source_tokenizer), _special_ids(target_tokenizer)
+    by_bytes: dict[bytes, int] = {}
+    for pieces in (False, True):  # regular tokens first, then byte-fallback pieces; lowest id first
+        for t in range(m):
+            if tgt_fallback[t] == pieces and tgt_bytes[t] and t not in tgt_special:
+                by_bytes.setdefault(tgt_bytes[t], t)
+    texts: dict[int, str] = {}  # source id → text to encode with the target tokenizer
+    counts = dict.fromkeys(("bytes", "text", "prefix", "first byte"), 0)
+    for v in range(n):
+        data = src_bytes[v]
+        if v in src_special or not data:
+            continue
+        t = v if v < m and tgt_bytes[v] == data and v not in tgt_special else by_bytes.get(data)
+        if t is not None:
+            dest[v] = t
+            counts["bytes"] += 1
+            continue
+        text, whole = _utf8_prefix(data)
+        if whole or (method == "first_token" and text):
+            texts[v] = text
+        elif method == "first_token" and (t := by_bytes.get(data[:1])) is not None:
+            dest[v] = t
+            counts["first byte"] += 1
+    items = list(texts.items())
+    encoded = target_tokenizer([s for _, s in items], add_special_tokens=False)["input_ids"] if items else []
+    for (v, text), ids in zip(items, encoded, strict=True):
         if not ids or (method == "exact" and len(ids) != 1):
             continue
         t = ids[0]
         if t not in tgt_special and 0 <= t < target_vocab_size:
-            dest[i] = t
-    log.info("vocab map (%s): %d of %d source tokens placed", method, int((dest >= 0).sum()), source_width)
+            dest[v] = t
+            counts["text" if text.encode("utf-8") == src_bytes[v] else "prefix"] += 1
+    log.info("vocab map (%s): %d of %d source tokens placed (by bytes %d, by text %d, partial UTF-8 by "
+             "prefix %d, by first byte %d)", method, int((dest >= 0).sum()), source_width, counts["bytes"],
+             counts["text"], counts["prefix"], counts["first byte"])
     return dest
 
 
 def map_vocab(targets: Targets, source_tokenizer, target_tokenizer, target_vocab_size: int,
               method: str = "first_token") -> Targets:
-    """Move targets from a source vocabulary onto a target model's vocabulary, at string level.
+    """Move targets from a source vocabulary onto a target model's vocabulary, by token bytes.
 
-    See `vocab_map` for how each source token is placed. Mass that cannot be placed is recorded
-    per target as `mass_lost` (in [0, 1]) and the rest is renormalised to sum to 1.
+    See `vocab_map` for how each source token is placed: from a tokenizer onto itself the map is
+    the identity (probs unchanged, mass_lost 0); across tokenizers the source's special tokens
+    and padding rows lose their mass, and so, with "exact", do tokens whose bytes are not one
+    target token. Mass that cannot be placed is recorded per target as `mass_lost` (in [0, 1],
+    exactly 0 where the target has no mass on a lost token) and the rest is renormalised to sum
+    to 1 (rows that lose nothing are copied unchanged).
 
     Args:
         targets: (T, source width) Targets over the source tokenizer's vocabulary.
@@ -909,9 +1058,10 @@ def map_vocab(targets: Targets, source_tokenizer, target_tokenizer, target_vocab
     empty = lost >= 1.0 - 1e-12
     if empty.any():
         raise TargetError(f"targets {targets.meta['target_id'][empty.numpy()].tolist()[:5]} lose all their mass "
-                          f"in the mapping ({method}): they sit on special tokens or on strings the target "
+                          f"in the mapping ({method}): they sit on special tokens or on tokens the target "
                           "tokenizer cannot place; try method='first_token' or drop them.")
-    probs = (mapped / mapped.sum(-1, keepdim=True)).to(targets.probs.dtype)
+    scale = torch.where(lost > 0, mapped.sum(-1), torch.ones((), dtype=torch.float64))
+    probs = (mapped / scale.unsqueeze(-1)).to(targets.probs.dtype)
     meta = targets.meta.copy()
     meta.insert(0, "source_target_id", meta.pop("target_id"))
     meta.insert(0, "target_id", ["mapped-" + t for t in meta["source_target_id"]])
