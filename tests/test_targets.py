@@ -185,12 +185,65 @@ def test_entropy_grid():
 # --------------------------------------------------------------------------------------------
 
 
+def on_top(t: Targets) -> list[bool]:
+    """Per target: the smallest outlier probability strictly exceeds the largest other one."""
+    out = []
+    for i, ids in enumerate(t.meta["outlier_tokens"]):
+        rest = torch.ones(t.vocab_size, dtype=torch.bool)
+        rest[ids] = False
+        out.append(bool(t.probs[i, ids].min() > t.probs[i, rest].max()))
+    return out
+
+
+def reference_on_top(width: int, h: float, k: int, masses: np.ndarray) -> np.ndarray:
+    """Brute force, independent of the library's solver: for each m, whether k outliers of mass m
+    at entropy h are reachable and exceed every other token (by the relative OUTLIER_MARGIN).
+
+    The rest is softmax(β z) over the n = V − k normal quantiles; its (entropy, top probability)
+    curve is tabulated on a fine grid of β (plus the uniform and one-hot ends) and log p_max is
+    interpolated linearly in the entropy: accurate to ~3e-5 relative, which moves the boundary in m
+    by less than the grid step.
+    """
+    n = width - k
+    z = torch.special.ndtri((torch.arange(1, n + 1, dtype=torch.float64) - 0.5) / n)
+    ent, logtop = [math.log(n)], [-math.log(n)]
+    for betas in torch.exp(torch.linspace(-9, 9, 2401, dtype=torch.float64)).split(200):
+        logp = torch.log_softmax(betas[:, None] * z[None], dim=-1)
+        ent += (-(logp.exp() * logp).sum(-1)).tolist()
+        logtop += logp[:, -1].tolist()
+    ent, logtop = np.array(ent + [0.0]), np.array(logtop + [0.0])
+    keep = np.r_[True, np.diff(ent) < 0]  # strictly decreasing entropy along the table
+    ent, logtop = ent[keep][::-1], logtop[keep][::-1]
+    ok = np.zeros(len(masses), dtype=bool)
+    for j, m in enumerate(masses):
+        lo, hi = T._outlier_entropy_range(width, k, m)
+        if not lo - 1e-12 <= h <= hi + 1e-12 or m == 0:
+            continue
+        if m == 1:
+            ok[j] = True
+            continue
+        h_rest = min(max((h - lo) / (1 - m), 0.0), math.log(n))
+        top = math.exp(np.interp(h_rest, ent, logtop))
+        ok[j] = m / k > (1 + T.OUTLIER_MARGIN) * (1 - m) * top
+    return ok
+
+
+def stated_ranges(message: str) -> dict[float, list[tuple[float, float]]]:
+    """{h: [(lo, hi), ...]} from an infeasible-outliers message ("h=<h>: m ∈ [a, b] ∪ [c, d]; ...")."""
+    import re
+
+    out = {}
+    for hv, ranges in re.findall(r"h=([0-9.e+-]+): m ∈ ([^;]*?)(?:;|\.$)", message):
+        out[float(hv)] = [(float(a), float(b)) for a, b in re.findall(r"\[([0-9.e+-]+), ([0-9.e+-]+)\]", ranges)]
+    return out
+
+
 @st.composite
 def outlier_cases(draw):
     width = draw(st.sampled_from(WIDTHS))
     k = draw(st.integers(1, 20))
     m = draw(st.floats(0.01, 0.99))
-    lo, hi = T._outlier_entropy_range(width, k, m)
+    lo, hi = T._outlier_entropies(width, k, m)  # the feasible entropies (outliers on top) for (k, m)
     h = [lo + draw(st.floats(0.0, 1.0)) * (hi - lo) for _ in range(draw(st.integers(1, 2)))]
     return width, k, m, h, draw(st.integers(0, 1000))
 
@@ -206,6 +259,7 @@ def test_outliers_mass_and_entropy_exact(case):
         assert len(set(ids)) == k
         assert t.probs[i, ids].double().sum().item() == pytest.approx(m, abs=1e-6)
         assert torch.allclose(t.probs[i, ids].double(), torch.full((k,), m / k, dtype=torch.float64), rtol=1e-6)
+    assert on_top(t) == [True] * len(h) and t.meta["outliers_on_top"].all()
 
 
 def test_outliers_meta_tokens_and_edge_masses():
@@ -215,15 +269,18 @@ def test_outliers_meta_tokens_and_edge_masses():
     assert t.ids == ["outlier-k4-m0.6-s1-0"]
     row = t.meta.iloc[0]
     assert row["kind"] == "outlier" and row["k"] == 4 and row["mass"] == 0.6 and row["seed"] == 1
-    assert bool(row["outliers_on_top"]) == bool(t.probs[0, [5, 6, 7, 8]].min() >= t.probs[0].max())
+    assert bool(row["outliers_on_top"]) and on_top(t) == [True]
     one = T.outliers(width, math.log(3), 3, 1.0)  # all mass on the outliers: uniform over them
     assert one.entropy.item() == pytest.approx(math.log(3), abs=1e-7) and (one.probs > 0).sum() == 3
+    assert bool(one.meta["outliers_on_top"].iloc[0])
     assert T.outliers(width, 0.0, 1, 1.0, tokens=[9]).probs[0, 9] == 1.0
-    # outliers of mass k/V at ln V: the uniform distribution
-    flat = T.outliers(width, math.log(width), 2, 2 / width)
-    assert flat.probs.max() - flat.probs.min() < 1e-9
-    assert torch.equal(T.outliers(width, [2.0, 3.0], 3, 0.5, seed=2).probs[1],
-                       T.outliers(width, [5.0, 3.0], 3, 0.5, seed=2).probs[1])
+    # target i depends on (seed, i) and its own entropy only
+    assert torch.equal(T.outliers(width, [2.0, 3.0], 3, 0.7, seed=2).probs[1],
+                       T.outliers(width, [2.5, 3.0], 3, 0.7, seed=2).probs[1])
+    # the rest is the same tempered quantile vector in a different random order per target
+    two = T.outliers(width, [3.0, 3.0], 3, 0.7, seed=3)
+    assert not torch.equal(two.probs[0], two.probs[1])
+    assert torch.equal(two.probs[0].sort().values, two.probs[1].sort().values)
 
 
 @pytest.mark.parametrize("width", WIDTHS)
@@ -233,31 +290,91 @@ def test_outliers_infeasible_states_range(width):
     assert len(ranges) == 1
     with pytest.raises(TargetError, match="infeasible") as err:
         T.outliers(width, [2.0, h], k, m)
-    lo, hi = ranges[0]
-    assert f"[{lo:.6g}, {hi:.6g}]" in str(err.value)
+    ((lo, hi),) = stated_ranges(str(err.value))[h]
+    assert ranges[0][0] <= lo < hi <= ranges[0][1] and lo == pytest.approx(ranges[0][0], rel=1e-5)
     mid = 0.5 * (lo + hi)  # a mass from the stated range works
     assert T.outliers(width, h, k, mid).entropy.item() == pytest.approx(h, abs=TOL)
-    with pytest.raises(TargetError, match=r"m ∈ \[0, 0.1997.*\] ∪ \[0.8002.*, 0.967"):  # two intervals
-        T.outliers(49_152, 0.5, 1, 0.5)
 
 
-@pytest.mark.parametrize("width, h, k", [(1000, 0.5, 1), (1000, 3.0, 5), (49_152, 10.5, 2), (1000, 1.5, 50)])
+def test_low_outlier_mass_at_low_entropy_is_infeasible():
+    """The issue's example: 3 'outliers' of 0.0033 at 1 nat sit far below the rest's top token."""
+    import re
+
+    V = 49_152
+    with pytest.raises(TargetError, match="infeasible") as err:
+        T.outliers(V, 1.0, 3, 0.01)
+    message = str(err.value)
+    # no mass works at 1 nat (3 tokens above all others need H ≥ ln 3); for m = 0.01 the message
+    # states the entropies that do work, and one of them is accepted
+    assert "m ∈ none" in message and "ln k ≤ h < ln V" in message
+    lo, hi = (float(x) for x in re.search(r"entropy must lie in \[([0-9.]+), ([0-9.]+)\]", message).groups())
+    assert 9.0 < lo < hi <= math.log(V)
+    assert T.outliers(V, 0.5 * (lo + hi), 3, 0.01).meta["outliers_on_top"].all()
+    # at 0.5 nats with k = 1 the entropy alone allows m ∈ [0, 0.1997] ∪ [0.8002, 0.967]; only the
+    # upper interval has the outlier on top
+    with pytest.raises(TargetError, match=r"m ∈ \[0\.80029\d*, 0\.96710\d*\]\.$"):
+        T.outliers(V, 0.5, 1, 0.1)
+    # accepted before (h = 3 is reachable with m = 0.2), but 0.2/3 is below the rest's top token
+    with pytest.raises(TargetError, match=r"h=3: m ∈ \[0\.50585\d*, 0\.84798\d*\]"):
+        T.outliers(V, 3.0, 3, 0.2)
+
+
+def test_outliers_on_top_over_a_grid():
+    """Every target of every feasible (h, k, m) of a grid, and at both ends of each feasible range
+    (float32 storage included), has its smallest outlier strictly above its largest other token."""
+    V, n_feasible = 49_152, 0
+    for k in (1, 3, 10):
+        cases = {m: [] for m in (0.2, 0.5, 0.8)}
+        for h in (1.5, 3.0, 5.0, 8.0, 10.0):
+            ranges = T.feasible_masses(V, h, k)
+            for m in cases:
+                if any(lo <= m <= hi for lo, hi in ranges):
+                    cases[m] += [h, h]
+            for lo, hi in ranges:
+                cases.setdefault(lo, []).append(h)
+                cases.setdefault(hi, []).append(h)
+        for m, hs in cases.items():
+            if hs:
+                t = T.outliers(V, hs, k, m, seed=k)
+                assert on_top(t) == [True] * len(hs), (k, m, hs)
+                assert t.meta["outliers_on_top"].all()
+                assert (t.entropy - torch.tensor(hs, dtype=torch.float64)).abs().max() <= TOL
+                n_feasible += len(hs)
+    assert n_feasible >= 60
+
+
+@pytest.mark.parametrize("width, h, k", [(1000, 0.5, 1), (1000, 3.0, 5), (49_152, 10.5, 2), (1000, 1.5, 50),
+                                         (1000, 4.5, 50), (49_152, 3.0, 3), (49_152, 8.0, 10)])
 def test_feasible_masses_match_brute_force(width, h, k):
     grid = np.linspace(0, 1, 20001)
-    ok = np.array([lo - 1e-12 <= h <= hi + 1e-12
-                   for lo, hi in (T._outlier_entropy_range(width, k, m) for m in grid)])
+    entropy_ok = np.array([lo - 1e-12 <= h <= hi + 1e-12
+                           for lo, hi in (T._outlier_entropy_range(width, k, m) for m in grid)])
+    ok = reference_on_top(width, h, k, grid)
+    assert (ok <= entropy_ok).all() and (ok != entropy_ok).any()  # the outlier condition bites
     ranges = T.feasible_masses(width, h, k)
+    assert len(ranges) <= 1  # analysed: the feasible set is one interval
     inside = np.zeros_like(ok)
+    ends = []
     for lo, hi in ranges:
-        inside |= (grid >= lo - 1e-9) & (grid <= hi + 1e-9)
-    assert (ok == inside).mean() > 0.9995  # disagreement only at the grid cells holding an end point
+        inside |= (grid >= lo) & (grid <= hi)
+        ends += [lo, hi]
+    off = grid[ok != inside]  # disagreement only within a grid step of a reported end
+    assert all(min((abs(m - e) for e in ends), default=1.0) <= 1e-4 for m in off), off[:5]
 
 
 @pytest.mark.parametrize("width, k", [(380, 1), (49_152, 3)])
-def test_feasible_masses_at_max_entropy_is_the_uniform_point(width, k):
-    """At h = ln V only the uniform distribution exists: m = k/V exactly, one point, not an interval."""
-    ((lo, hi),) = T.feasible_masses(width, math.log(width), k)
-    assert lo == pytest.approx(k / width, rel=1e-9) and hi == pytest.approx(k / width, rel=1e-9)
+def test_feasible_masses_exist_only_from_ln_k_below_ln_V(width, k):
+    """At h = ln V only the uniform distribution exists (no outliers); below ln k none exists; at
+    h = ln k only m = 1; just below ln V a mass just above k/V."""
+    assert T.feasible_masses(width, math.log(width), k) == []
+    with pytest.raises(TargetError, match="infeasible"):
+        T.outliers(width, math.log(width), k, k / width)
+    assert T.feasible_masses(width, math.log(k) - 1e-3, k) == []
+    assert T.feasible_masses(width, math.log(k), k) == [(1.0, 1.0)]
+    ((lo, hi),) = T.feasible_masses(width, math.log(width) - 1e-3, k)
+    assert k / width < lo < 2 * k / width and lo < hi
+    t = T.outliers(width, math.log(width) - 1e-3, k, lo)
+    assert on_top(t) == [True]
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -269,11 +386,31 @@ def test_feasible_masses_at_max_entropy_is_the_uniform_point(width, k):
     (dict(k=2, mass=0.5, tokens=[1, 100]), "distinct ids in"),
     (dict(k=2, mass=0.9, entropy=10.0), r"outside \[0, ln 100\]"),
     (dict(k=1, mass=0.999, entropy=4.0), "infeasible"),
+    (dict(k=2, mass=0.0), "probability 0"),  # k tokens of probability 0 are not outliers
+    (dict(k=2, mass=0.01), r"m must exceed about k/V"),  # even a uniform rest is above 0.005
 ])
 def test_outliers_errors(kwargs, match):
     kwargs = {"entropy": 2.0, **kwargs}
     with pytest.raises(TargetError, match=match):
         T.outliers(100, **kwargs)
+
+
+def test_infeasible_message_lists_ranges_that_are_accepted():
+    width, k, m = 1000, 3, 0.5
+    hs = [1.0, 1.2, 2.0, 6.0]  # none of them allows m = 0.5 with 3 outliers on top
+    with pytest.raises(TargetError, match="infeasible") as err:
+        T.outliers(width, hs, k, m)
+    stated = stated_ranges(str(err.value))
+    assert sorted(stated) == hs and stated[1.0] == [] and all(stated[h] for h in hs[1:])
+    for h in hs[1:]:
+        ((lo, hi),) = stated[h]
+        for mass in (lo, 0.5 * (lo + hi), hi):
+            t = T.outliers(width, h, k, mass)
+            assert on_top(t) == [True] and abs(t.entropy.item() - h) <= TOL
+    ((lo, _),) = T.feasible_masses(width, 2.0, k)  # the left end itself is accepted, just below it is not
+    assert T.outliers(width, 2.0, k, lo).meta["outliers_on_top"].all()
+    with pytest.raises(TargetError, match="infeasible"):
+        T.outliers(width, 2.0, k, lo - 1e-6)
 
 
 # --------------------------------------------------------------------------------------------
