@@ -336,6 +336,25 @@ def with_projection(df: pd.DataFrame, *, method: str = "soft", label: str = "sof
     return pd.concat([df, proj], ignore_index=True)
 
 
+def with_bound_gap(df: pd.DataFrame, *, bound: str = "free_bound", value: str = "kl_nats",
+                   keys: Sequence[str] = ("run_id", "sweep", "model", "target_id")) -> pd.DataFrame:
+    """The table plus `gap_to_<bound>_nats` = value − the `bound` rows' value for the same target.
+
+    Matching uses those of `keys` the table has (target_id is required): a target's bound row from the
+    same run, sweep and model. Where several bound rows match (e.g. one per seed; the bound does not
+    depend on the seed) the lowest is used. Rows without a matching bound row get NaN; the bound's own
+    rows get ≈ 0. With `improvement_nats`, this is the 'stuck' signal per target: a gap far above
+    the bin's and no improvement means the optimiser did not move that target.
+    """
+    _need(df, ["method", "target_id", value], "with_bound_gap")
+    on = [k for k in keys if k in df.columns]
+    ref = df[df["method"] == bound].groupby(on, dropna=False)[value].min().rename("_bound_value").reset_index()
+    out = df.merge(ref, on=on, how="left")
+    out[f"gap_to_{bound}_nats"] = out[value] - out["_bound_value"]
+    out.index = df.index
+    return out.drop(columns="_bound_value")
+
+
 # The bottleneck hierarchy, from the output layer alone up to a real-token prompt: each level can
 # reach everything the next one can, so for the global optima KL(free) ≤ KL(norm) ≤ KL(layer) ≤
 # KL(soft) ≤ KL(hard).

@@ -302,9 +302,12 @@ def check_length(model, n: int, what: str = "the sequence") -> None:
 
 def last_hidden(model, inputs_embeds: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None) -> Tensor:
-    """Run the body; return the final-norm hidden state at the last position, (batch, d_model), contiguous."""
+    """Run the body; return the final-norm hidden state at the last position, (batch, d_model), contiguous.
+
+    The hot path: it does not re-run `check` (every dplib entry point calls `check(model)` once
+    first; do the same when calling this directly on a new model).
+    """
     check_length(model, inputs_embeds.shape[1])
-    check(model)
     kwargs = {} if position_ids is None else {"position_ids": position_ids}
     out = body(model)(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False, **kwargs)
     return out.last_hidden_state[:, -1, :].contiguous()

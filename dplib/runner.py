@@ -34,7 +34,7 @@ from .targets import Targets
 
 log = logging.getLogger(__name__)
 
-SWEEP_COLUMNS = frozenset({"run_id", "sweep", "model", "method", "variant", "is_bound", "seed", "batch", "kl_nats", "initial_kl_nats", "projected_kl_nats", "steps", "wall_s",
+SWEEP_COLUMNS = frozenset({"run_id", "sweep", "model", "method", "variant", "is_bound", "seed", "batch", "kl_nats", "initial_kl_nats", "improvement_nats", "projected_kl_nats", "steps", "wall_s",
                            "batch_wall_s", "prompt_text", "prompt_text_exact", "prompt_ids"})
 DEFAULT_BATCH_SIZE = 32  # targets per optimiser call: near the CPU's efficient batch (PERF_NOTES)
 
@@ -192,6 +192,7 @@ def cell_frame(result, batch: Targets, spec: MethodSpec, config, *, seed: int, m
     df = pd.concat([df, meta.reset_index(drop=True)], axis=1)
     df["kl_nats"] = res["kl_nats"].to_numpy()
     df["initial_kl_nats"] = res["initial_kl_nats"].to_numpy()
+    df["improvement_nats"] = res["improvement_nats"].to_numpy()
     df["projected_kl_nats"] = res["projected_kl_nats"].to_numpy() if "projected_kl_nats" in res else float("nan")
     for name, values in summ.items():
         if name != "kl_nats":  # the optimiser's own best KL is the one reported
@@ -254,7 +255,8 @@ def run_sweep(model, tokenizer, targets: Targets, methods, *, seeds: Sequence[in
     Returns: columns run_id, sweep, model, method, variant, is_bound, seed, batch, the
         target metadata (target_id, kind, ...; names that clash get a `target_` prefix:
         target_seed, target_method), entropy_nats, kl_nats,
-        initial_kl_nats, projected_kl_nats (soft only, else NaN), reverse_kl_nats, js_nats, tv,
+        initial_kl_nats, improvement_nats (initial − best; ≈ 0: the optimiser did not move the target),
+        projected_kl_nats (soft only, else NaN), reverse_kl_nats, js_nats, tv,
         top1_agree, top10_recall, steps, wall_s (this target's share of its batch), batch_wall_s,
         prompt_text (None where no text reproduces the prompt's ids), prompt_text_exact, prompt_ids
         (space-separated; None for bounds), cfg_<field> per config field.

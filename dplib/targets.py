@@ -770,6 +770,7 @@ def next_token_probs(model, sequences: Sequence[Sequence[int]], *, batch_size: i
     seqs = [list(map(int, s)) for s in sequences]
     longest = max(map(len, seqs), default=0)
     lm.check_length(model, longest, "a context")
+    lm.check(model)
     device = next(model.parameters()).device
     head = lm.output_layer(model)
     out = torch.empty(len(seqs), logits_width(model), dtype=torch.float32)

@@ -4,6 +4,8 @@ answers are known; bin_summary / top_tokens are tested in test_plotting.py."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -188,3 +190,15 @@ def test_target_group_labels():
     assert analysis.target_group(df).tolist() == ["vanilla", "outlier k=3 m=0.5", "outlier k=10 m=0.2", "lm"]
     assert analysis.target_group(df[["kind"]]).tolist() == ["vanilla", "outlier", "outlier", "lm"]
     assert analysis.target_group(df, {"mass": "mass"}).tolist()[1] == "outlier mass=0.5"
+
+
+def test_with_bound_gap_matches_each_target_to_its_free_bound_row():
+    df = pd.DataFrame({"model": ["m"] * 6 + ["n"] * 2,
+                       "method": ["soft", "soft", "free_bound", "free_bound", "hard", "hard", "soft", "free_bound"],
+                       "target_id": ["a", "b", "a", "b", "a", "c", "a", "a"],
+                       "kl_nats": [1.0, 2.0, 0.25, 0.5, 3.0, 1.0, 5.0, 4.0]})
+    out = analysis.with_bound_gap(df)
+    assert out.index.equals(df.index) and list(out.columns[:4]) == list(df.columns)
+    gap = out["gap_to_free_bound_nats"].tolist()
+    assert gap[:5] == [0.75, 1.5, 0.0, 0.0, 2.75] and gap[6:] == [1.0, 0.0]  # per model and target
+    assert math.isnan(gap[5])  # target c has no bound row

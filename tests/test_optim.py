@@ -25,7 +25,7 @@ FAST_PARAMS: dict[str, dict] = {
     "norm_bound": {},
 }
 
-FRAME_COLUMNS = {"target_id", "method", "kl_nats", "initial_kl_nats", "steps", "wall_s"}
+FRAME_COLUMNS = {"target_id", "method", "kl_nats", "initial_kl_nats", "improvement_nats", "steps", "wall_s"}
 
 
 def fast_config(name: str, **overrides):
@@ -92,6 +92,9 @@ def test_result_frame_and_meta(name, tiny, reachable):
     assert len(frame) == 2 and (frame["method"] == name).all()
     assert frame["target_id"].tolist() == reachable.ids
     assert not frame["kl_nats"].isna().any()
+    # the 'stuck' signal: initial − best, in every optimiser's rows
+    torch.testing.assert_close(torch.tensor(frame["improvement_nats"].to_numpy()),
+                               torch.tensor(frame["initial_kl_nats"] - frame["kl_nats"]).double())
     assert result.meta["config"] == dataclasses.asdict(fast_config(name))
     assert isinstance(result.meta["is_bound"], bool)
     trace = result.trace_frame()

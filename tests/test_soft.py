@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -11,8 +12,11 @@ from helpers import own_distribution, random_targets
 from dplib import lm
 from dplib.lm import allowed_tokens, embed, kl_from_logprobs
 from dplib.models import tiny_model
+from dplib.optim import soft as soft_module
+from dplib.optim.common import BestTracker
 from dplib.optim.hard import score_prompt_text
 from dplib.optim.soft import SoftConfig, _lr_at, nearest_tokens, optimize_soft
+from dplib.seeds import derive_seed, generator
 from dplib.targets import TargetError, logits_width
 
 
@@ -32,6 +36,11 @@ from dplib.targets import TargetError, logits_width
     ({"suffix": 3}, "suffix"),
     ({"seed": -1}, "seed"),
     ({"max_batch": -2}, "max_batch"),
+    ({"restarts": 0}, "restarts"),
+    ({"restarts": 1.5}, "restarts"),
+    ({"min_steps": -1}, "min_steps"),
+    ({"min_rel_improvement": 1.0}, "min_rel_improvement"),
+    ({"min_rel_improvement": -0.1}, "min_rel_improvement"),
     ({"project": "yes"}, "project"),
 ])
 def test_config_validation_says_how_to_fix(kwargs, match):
@@ -95,8 +104,9 @@ def test_batch_equals_separate_runs(tiny):
 def test_chunking_matches_one_batch(tiny):
     model, tok = tiny
     targets = random_targets(logits_width(model), 3, seed=1)
-    one = optimize_soft(model, tok, targets, SoftConfig(steps=8, max_batch=0), progress=False)
-    chunked = optimize_soft(model, tok, targets, SoftConfig(steps=8, max_batch=2), progress=False)
+    # max_batch counts batch rows (targets × restarts): one restart, so 2 targets per chunk
+    one = optimize_soft(model, tok, targets, SoftConfig(steps=8, max_batch=0, restarts=1), progress=False)
+    chunked = optimize_soft(model, tok, targets, SoftConfig(steps=8, max_batch=2, restarts=1), progress=False)
     assert chunked.meta["n_chunks"] == 2
     torch.testing.assert_close(one.trace, chunked.trace, atol=1e-4, rtol=1e-3)
 
@@ -105,13 +115,121 @@ def test_early_stopped_targets_freeze(tiny):
     model, tok = tiny
     targets = random_targets(logits_width(model), 2, seed=2)
     # An impossible min_delta: no step counts as an improvement, so every target stops after 3.
-    r = optimize_soft(model, tok, targets, SoftConfig(steps=30, patience=3, min_delta=100.0, project=False),
-                      progress=False)
+    r = optimize_soft(model, tok, targets, SoftConfig(steps=30, patience=3, min_delta=100.0, min_steps=0,
+                                                      project=False), progress=False)
     assert (r.steps == 4).all()
     assert torch.isnan(r.trace[4:]).all() and not torch.isnan(r.trace[:4]).any()
     init = embed(model, torch.tensor(r.meta["init_ids"])).float()
     torch.testing.assert_close(r.prompt_embeds, init)  # the best is the initial prompt, untouched
     torch.testing.assert_close(r.kl, r.initial_kl)
+
+
+def test_plateau_rule_waits_for_min_steps_and_still_stops_on_a_flat_loss(tiny):
+    model, tok = tiny
+    targets = random_targets(logits_width(model), 2, seed=2)
+    # No step counts as progress (min_delta 100): a flat loss. Patience 3 alone stops after step 3;
+    # min_steps 8 holds every target until step 8, then it stops at once.
+    r = optimize_soft(model, tok, targets, SoftConfig(steps=30, patience=3, min_delta=100.0, min_steps=8,
+                                                      restarts=1, project=False), progress=False)
+    assert (r.steps == 9).all()
+    assert torch.isnan(r.trace[9:]).all() and not torch.isnan(r.trace[:9]).any()
+
+
+def test_relative_improvement_rule_counts_a_slow_descent_only_once_it_adds_up():
+    """A loss falling 0.2 % a step makes progress every 6 steps under min_rel 1 %: patience 3 stops it,
+    patience 8 never does; a flat loss stops after `patience` steps, but not before min_steps."""
+    def run(patience, min_rel, losses, min_steps=0):
+        tracker = BestTracker(1, patience, min_rel_improvement=min_rel, min_steps=min_steps)
+        for step, loss in enumerate(losses):
+            tracker.update(torch.tensor([loss]), step)
+            if tracker.done:
+                return step
+        return None
+
+    slow = [10.0 * 0.998**i for i in range(200)]
+    assert run(3, 0.01, slow) is not None
+    assert run(8, 0.01, slow) is None
+    assert run(3, 0.0, slow) is None  # without the relative rule every tiny step counts
+    flat = [5.0] * 200
+    assert run(20, 0.01, flat) == 20
+    assert run(20, 0.01, flat, min_steps=50) == 50
+    assert run(0, 0.01, flat) is None  # patience 0: never stop
+
+
+def _reference_soft(model, tok, targets, config, init_ids):
+    """The plain algorithm, written out: BOS + L vectors from init_ids, Adam on the sum of KLs (constant lr),
+    full-model logits; returns the (steps + 1, T) KL trace."""
+    emb = model.get_input_embeddings()
+    bos = emb(torch.tensor([[tok.bos_token_id]])).detach().float()
+    param = emb(init_ids).detach().float().clone().requires_grad_(True)
+    opt = torch.optim.Adam([param], lr=config.lr, betas=config.betas, eps=config.eps)
+    trace = []
+    for step in range(config.steps + 1):
+        x = torch.cat([bos.expand(len(param), -1, -1), param], dim=1)
+        logprobs = model(inputs_embeds=x).logits[:, -1].float().log_softmax(-1)
+        kl = kl_from_logprobs(targets.probs, logprobs)
+        trace.append(kl.detach())
+        if step == config.steps:
+            break
+        kl.sum().backward()
+        opt.step()
+        opt.zero_grad()
+    return torch.stack(trace)
+
+
+def test_one_restart_is_the_single_start_algorithm(tiny):
+    """restarts = 1 keeps the single-start seeds (derive_seed(seed, target_id, "init")) and algorithm."""
+    model, tok = tiny
+    targets = random_targets(logits_width(model), 3, seed=7)
+    config = SoftConfig(steps=12, prompt_length=3, lr=0.05, schedule="constant", restarts=1, project=False)
+    r = optimize_soft(model, tok, targets, config, progress=False)
+    allowed = allowed_tokens(tok, logits_width(model)).nonzero().flatten()
+    ids = torch.stack([allowed[torch.randint(len(allowed), (3,), generator=generator(derive_seed(0, t, "init")))]
+                       for t in targets.ids])
+    assert r.meta["init_ids"] == ids.tolist() and r.meta["restart"] == [0, 0, 0]
+    torch.testing.assert_close(r.trace, _reference_soft(model, tok, targets, config, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_restarts_keep_the_best_of_separate_runs(tiny, monkeypatch):
+    """R restarts in one batch = the best of R separate runs seeded like restart r; the reported KL is
+    the one the kept prompt reaches through the model's own forward pass."""
+    model, tok = tiny
+    targets = random_targets(logits_width(model), 3, seed=3)
+    config = SoftConfig(steps=10, prompt_length=3, lr=0.05, restarts=3, project=False)
+    batch = optimize_soft(model, tok, targets, config, progress=False)
+    assert batch.trace.shape == (11, 3) and batch.prompt_embeds.shape[:2] == (3, 3)
+    separate = []
+    seed_of = soft_module._restart_seed
+    for r in range(3):
+        monkeypatch.setattr(soft_module, "_restart_seed", lambda c, t, k, _r, r=r: seed_of(c, t, k, r))
+        separate.append(optimize_soft(model, tok, targets, dataclasses.replace(config, restarts=1), progress=False))
+    monkeypatch.undo()
+    kls = torch.stack([s.kl for s in separate], dim=1)  # (T, R)
+    torch.testing.assert_close(batch.kl, kls.min(dim=1).values, atol=1e-4, rtol=1e-3)
+    assert batch.meta["restart"] == kls.argmin(dim=1).tolist()
+    for t, r in enumerate(batch.meta["restart"]):
+        torch.testing.assert_close(batch.prompt_embeds[t], separate[r].prompt_embeds[t], atol=1e-4, rtol=1e-3)
+        assert batch.meta["init_ids"][t] == separate[r].meta["init_ids"][t]
+    # trace: the per-step best over restarts
+    traces = torch.stack([s.trace for s in separate], dim=2)
+    torch.testing.assert_close(batch.trace, traces.min(dim=2).values, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(batch.initial_kl, batch.trace[0])
+    with torch.no_grad():
+        bos = model.get_input_embeddings()(torch.full((3, 1), tok.bos_token_id)).float()
+        logprobs = model(inputs_embeds=torch.cat([bos, batch.prompt_embeds], 1)).logits[:, -1].float().log_softmax(-1)
+    torch.testing.assert_close(kl_from_logprobs(targets.probs, logprobs), batch.kl, atol=1e-4, rtol=1e-4)
+    assert (batch.to_frame()["improvement_nats"] >= 0).all()
+
+
+def test_restarts_chunk_by_rows(tiny):
+    model, tok = tiny
+    targets = random_targets(logits_width(model), 3, seed=1)
+    one = optimize_soft(model, tok, targets, SoftConfig(steps=5, restarts=2, max_batch=0, project=False),
+                        progress=False)
+    chunked = optimize_soft(model, tok, targets, SoftConfig(steps=5, restarts=2, max_batch=4, project=False),
+                            progress=False)
+    assert chunked.meta["n_chunks"] == 2  # 4 rows = 2 targets × 2 restarts per chunk
+    torch.testing.assert_close(one.kl, chunked.kl, atol=1e-4, rtol=1e-3)
 
 
 def test_vocab_init_uses_embedding_module_including_gemma_scale(tiny_gemma):
@@ -170,7 +288,8 @@ def test_projection_text_is_given_only_where_it_reproduces_the_ids_and_kl(tiny):
     where the ids have no such text (e.g. a partial UTF-8 byte token), the text is None and the row says so."""
     model, tok = tiny
     targets = random_targets(logits_width(model), 6, seed=5)
-    r = optimize_soft(model, tok, targets, SoftConfig(steps=10, prompt_length=3), progress=False)
+    # a small lr keeps the prompts near their initial tokens, so some projections have a faithful text
+    r = optimize_soft(model, tok, targets, SoftConfig(steps=10, prompt_length=3, lr=0.01), progress=False)
     frame = lm.prompt_frame(model, tok)
     rows = r.to_frame()
     assert rows["prompt_text_exact"].tolist() == [t is not None for t in r.prompt_text]

@@ -106,6 +106,7 @@ class LayerBoundConfig(PromptVectorsConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        require(self.lr is not None, "lr=None: use a relative learning rate > 0 for layer_bound, e.g. 0.02.")
         require(self.layer is None or is_int(self.layer),
                f"layer={self.layer!r}: use an integer layer index (0-based, negative from the end) or None.")
 
@@ -682,7 +683,7 @@ def layer_bound(model, tokenizer, targets: Targets, config: LayerBoundConfig | N
     out, setup, init_ids, start = run_vectors(model, tokenizer, targets, config, method="layer_bound",
                                               layer=layer, progress=progress)
     meta = {"config": dataclasses.asdict(config), "is_bound": False, "layer": layer, "n_layers": n_layers,
-            "n_chunks": out["n_chunks"], "init_ids": init_ids.tolist(),
+            "n_chunks": out["n_chunks"], "init_ids": init_ids.tolist(), "restart": out["restart"].tolist(),
             "notes": ["local optimum of a relaxation of the soft prompt (Adam), not a certified bound"]}
     return Result(method="layer_bound", target_ids=targets.ids, kl=out["kl"], initial_kl=out["initial_kl"],
                   logprobs=out["logprobs"], steps=out["steps"], trace=out["trace"],

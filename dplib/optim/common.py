@@ -37,28 +37,39 @@ def is_int(x) -> bool:
 class BestTracker:
     """Keeps each target's best loss, the step it was reached and a patience counter.
 
-    `update(loss)` takes (T,) current losses (inf for targets not evaluated this step) and returns
-    a (T,) bool mask of the targets that improved; `active` is the mask of targets still running.
-    A target stops after `patience` consecutive steps without improving by more than `min_delta`
-    (patience 0 = never stop early).
+    `update(loss, step)` takes (T,) current losses (inf for targets not evaluated this step) and
+    returns a (T,) bool mask of the targets that improved (beat their best by more than `min_delta`);
+    `active` is the mask of targets still running.
+
+    Early stopping (patience 0 = never stop early): a target stops once `patience` consecutive steps
+    have passed without *progress*, and only at a step ≥ `min_steps`. Progress means a loss below
+    ref · (1 − min_rel_improvement) − min_delta, where ref is the loss at the target's last progress
+    (so a slow but steady descent accumulates until it counts, and a plateau of noise does not).
+    With min_rel_improvement = 0 and min_steps = 0 this is the plain rule "stop after `patience`
+    steps without improving by more than `min_delta`".
     """
 
-    def __init__(self, n: int, patience: int = 0, min_delta: float = 0.0, device=None):
+    def __init__(self, n: int, patience: int = 0, min_delta: float = 0.0, device=None, *,
+                 min_rel_improvement: float = 0.0, min_steps: int = 0):
         self.best = torch.full((n,), math.inf, device=device)
+        self.ref = torch.full((n,), math.inf, device=device)  # the loss at the last progress
         self.best_step = torch.full((n,), -1, dtype=torch.long, device=device)
         self.since = torch.zeros(n, dtype=torch.long, device=device)
         self.active = torch.ones(n, dtype=torch.bool, device=device)
         self.steps = torch.zeros(n, dtype=torch.long, device=device)
         self.patience, self.min_delta = patience, min_delta
+        self.min_rel, self.min_steps = min_rel_improvement, min_steps
 
     def update(self, loss: Tensor, step: int) -> Tensor:
         loss = loss.detach().to(self.best.device)
         improved = self.active & (loss < self.best - self.min_delta)
         self.best = torch.where(improved, loss, self.best)
         self.best_step = torch.where(improved, torch.full_like(self.best_step, step), self.best_step)
-        self.since = torch.where(improved, torch.zeros_like(self.since), self.since + self.active.long())
+        progress = self.active & (loss < self.ref * (1.0 - self.min_rel) - self.min_delta)
+        self.ref = torch.where(progress, loss, self.ref)
+        self.since = torch.where(progress, torch.zeros_like(self.since), self.since + self.active.long())
         self.steps += self.active.long()
-        if self.patience > 0:
+        if self.patience > 0 and step >= self.min_steps:
             self.active &= self.since < self.patience
         return improved
 
@@ -111,7 +122,8 @@ class Result:
         return len(self.target_ids)
 
     def to_frame(self) -> pd.DataFrame:
-        """One tidy row per target: target_id, method, kl_nats, initial_kl_nats, steps, wall_s, and
+        """One tidy row per target: target_id, method, kl_nats, initial_kl_nats, improvement_nats
+        (initial − best: ≈ 0 flags a target the optimiser did not move, 'stuck'), steps, wall_s, and
         prompt_text, prompt_text_exact (the text re-tokenises to the prompt's ids) and
         projected_kl_nats where the method has them."""
         df = pd.DataFrame({
@@ -119,6 +131,7 @@ class Result:
             "method": self.method,
             "kl_nats": self.kl.double().numpy(),
             "initial_kl_nats": self.initial_kl.double().numpy(),
+            "improvement_nats": (self.initial_kl.double() - self.kl.double()).numpy(),
             "steps": self.steps.numpy(),
             "wall_s": self.wall_s,
         })

@@ -183,6 +183,7 @@ def score_prompt_text(model, tokenizer, texts: Sequence[str], targets: Targets, 
     own (batch of one, no padding), so this is an independent check of what an optimiser reported.
     """
     targets.check_width(model)
+    lm.check(model)
     if len(texts) != len(targets):
         raise ValueError(f"got {len(texts)} texts for {len(targets)} targets; pass one text per target.")
     frame = lm.prompt_frame(model, tokenizer, prefix, suffix)
@@ -296,6 +297,7 @@ class HardSearch:
 
         self.frame = frame = lm.prompt_frame(model, tokenizer, config.prefix, config.suffix)
         frame.check_length(config.prompt_length)
+        lm.check(model)  # the fast path below is the model's own forward (once per model)
         allowed = allowed_tokens(tokenizer, logits_width(model), ascii_only=config.ascii_only)
         n_allowed = int(allowed.sum())
         if config.top_k > n_allowed:
