@@ -109,8 +109,8 @@ class SoftConfig(PromptVectorsConfig):
     project: bool = True  # also project the best prompts onto the nearest real tokens and score them
     # Measured (benchmarks/soft_quality.py, SmolLM2, 10 vanilla targets H 0.5-10.5, L 5, 300 steps),
     # mean gap to the free-h bound: lr 0.01 (former default) 0.82 nats, H = 7 stuck at 6.26; lr None
-    # (2.4 × embedding RMS ≈ 0.30) 0.48, H = 7 at 2.91, same wall time; with 2 restarts 0.43 at 1.7×
-    # the wall time. Cosine decay measured worse than constant. The default keeps 1 restart so the
+    # (2.4 × embedding RMS ≈ 0.30) 0.45, H = 7 at 2.87, 1.04× the wall time; with 2 restarts 0.43 at
+    # 1.7-2.5× the wall time (two runs). Cosine decay measured worse than constant. The default keeps 1 restart so the
     # study's notebooks stay within their time budget; restarts=2 is the better-measured choice.
     restarts: int = 1  # R initialisations per target, extra rows of the same batch; the best is kept
     min_steps: int = 100  # with patience > 0: no target stops before this many Adam steps
