@@ -1005,19 +1005,13 @@ def _tokenizer_fingerprint(tokenizer) -> str:
         text = backend.to_str()
     else:
         text = json.dumps(sorted(tokenizer.get_vocab().items()))
-    specials = sorted(_special_ids(tokenizer))
+    specials = sorted(lm.special_ids(tokenizer))
     digest = hashlib.sha256((type(tokenizer).__name__ + text + json.dumps(specials)).encode()).hexdigest()
     try:
         tokenizer._dplib_fingerprint = (len(tokenizer), digest)
     except AttributeError:  # some tokenizer wrappers refuse new attributes; then we just recompute
         pass
     return digest
-
-
-def _special_ids(tokenizer) -> set[int]:
-    ids = set(tokenizer.all_special_ids)
-    ids |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special}
-    return ids
 
 
 def _gpt2_unicode_to_byte() -> dict[str, int]:
@@ -1183,7 +1177,7 @@ def _build_dest(source_tokenizer, target_tokenizer, source_width: int, target_vo
     m = min(len(target_tokenizer), target_vocab_size)
     src_bytes, _ = _token_bytes(source_tokenizer, n)
     tgt_bytes, tgt_fallback = _token_bytes(target_tokenizer, m)
-    src_special, tgt_special = _special_ids(source_tokenizer), _special_ids(target_tokenizer)
+    src_special, tgt_special = lm.special_ids(source_tokenizer), lm.special_ids(target_tokenizer)
     by_bytes: dict[bytes, int] = {}
     for pieces in (False, True):  # regular tokens first, then byte-fallback pieces; lowest id first
         for t in range(m):
