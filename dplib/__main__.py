@@ -1,4 +1,4 @@
-"""Command line: `python -m dplib reproduce [--smoke] [--only NAME] [--device D] [--results DIR]`.
+"""Command line: `python -m dplib reproduce [--smoke] [--only NAME] [--device D] [--executor E] [--results DIR]`.
 
 Executes the notebooks headlessly (see `dplib.notebooks.reproduce`), prints one line per notebook,
 and exits non-zero when any notebook failed.
@@ -21,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--only", action="append", metavar="NAME",
                      help="run only this notebook (its name or a prefix such as 01); repeatable")
     rep.add_argument("--device", default=None, help="passed to every notebook's `device` (default: its own)")
+    rep.add_argument("--executor", default=None, metavar="E",
+                     help="where sweep cells run, passed to every notebook's `executor`: local (default) or "
+                          "ray (a local Ray, or the cluster at $RAY_ADDRESS)")
     rep.add_argument("--results", default="results", metavar="DIR", help="results root (default: results)")
     rep.add_argument("--notebooks", default=None, metavar="DIR", help="notebook folder (default: notebooks/)")
     rep.add_argument("--cell-timeout", type=int, default=None, metavar="S", help="per-cell time limit in seconds")
@@ -35,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         outcomes = reproduce(args.results, smoke=args.smoke, only=args.only, device=args.device,
-                             notebooks=args.notebooks, cell_timeout=args.cell_timeout)
+                             executor=args.executor, notebooks=args.notebooks, cell_timeout=args.cell_timeout)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

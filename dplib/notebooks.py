@@ -10,7 +10,7 @@ its figures and its headline table. A failing notebook is reported with its fail
 others still run.
 
 Parameters a notebook receives (only those its `parameters` cell declares):
-    results_dir, progress=False, interactive=False, run_id, device (when given), and with
+    results_dir, progress=False, interactive=False, run_id, device and executor (when given), and with
     `smoke=True` the notebook's own smoke parameters, stored in its metadata under
     `metadata["dplib"]["smoke"]` (a dict of literals: tiny sizes that run in well under a minute).
 """
@@ -93,7 +93,8 @@ def smoke_parameters(path: str | os.PathLike) -> dict:
 
 
 def run_parameters(path: str | os.PathLike, *, results_dir: str | os.PathLike, smoke: bool = False,
-                   device: str | None = None, overrides: Mapping | None = None) -> tuple[dict, dict]:
+                   device: str | None = None, executor: str | None = None,
+                   overrides: Mapping | None = None) -> tuple[dict, dict]:
     """(effective parameters, parameters to inject) for one execution of a notebook."""
     defaults = default_parameters(path)
     inject = dict(smoke_parameters(path)) if smoke else {}
@@ -101,6 +102,8 @@ def run_parameters(path: str | os.PathLike, *, results_dir: str | os.PathLike, s
     runtime = {"results_dir": str(Path(results_dir).resolve()), "progress": False, "interactive": False}
     if device is not None:
         runtime["device"] = device
+    if executor is not None:  # where the sweeps' cells run; not part of the run id (results.NOT_IDENTITY)
+        runtime["executor"] = executor
     inject.update({k: v for k, v in runtime.items() if k in defaults})
     unknown = sorted(set(inject) - set(defaults))
     if unknown:
@@ -141,7 +144,7 @@ class NotebookRun:
 
 
 def execute(path: str | os.PathLike, *, results_dir: str | os.PathLike = "results", smoke: bool = False,
-            device: str | None = None, parameters: Mapping | None = None,
+            device: str | None = None, executor: str | None = None, parameters: Mapping | None = None,
             kernel_name: str = KERNEL_NAME, cell_timeout: int | None = None) -> NotebookRun:
     """Execute one notebook into its run directory, render it to HTML, and report the outcome.
 
@@ -153,7 +156,7 @@ def execute(path: str | os.PathLike, *, results_dir: str | os.PathLike = "result
 
     path = Path(path)
     name = path.stem
-    effective, inject = run_parameters(path, results_dir=results_dir, smoke=smoke, device=device,
+    effective, inject = run_parameters(path, results_dir=results_dir, smoke=smoke, device=device, executor=executor,
                                        overrides=parameters)
     run_id = effective.get("run_id") or run_id_for(effective)
     run_dir = Path(results_dir) / name / run_id
@@ -225,7 +228,7 @@ def select(paths: Sequence[Path], only: Sequence[str] | None) -> list[Path]:
 
 
 def reproduce(results_dir: str | os.PathLike = "results", *, smoke: bool = False,
-              only: Sequence[str] | None = None, device: str | None = None,
+              only: Sequence[str] | None = None, device: str | None = None, executor: str | None = None,
               notebooks: str | os.PathLike | None = None, kernel_name: str = KERNEL_NAME,
               cell_timeout: int | None = None) -> list[NotebookRun]:
     """Execute every notebook (or those in `only`) in order, render them, and write the index.
@@ -239,8 +242,8 @@ def reproduce(results_dir: str | os.PathLike = "results", *, smoke: bool = False
             log.warning("running the %d notebooks that exist; not written yet: %s", len(paths), ", ".join(missing))
     paths = select(paths, only)
     Path(results_dir).mkdir(parents=True, exist_ok=True)
-    outcomes = [execute(p, results_dir=results_dir, smoke=smoke, device=device, kernel_name=kernel_name,
-                        cell_timeout=cell_timeout) for p in paths]
+    outcomes = [execute(p, results_dir=results_dir, smoke=smoke, device=device, executor=executor,
+                        kernel_name=kernel_name, cell_timeout=cell_timeout) for p in paths]
     write_index(results_dir)
     return outcomes
 

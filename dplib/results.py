@@ -6,7 +6,8 @@ A run lives in `results/<notebook>/<run_id>/`:
                     device, start/end times, status ("running" → "success" | "failed")
     tables/         tidy tables: CSV for per-target summaries, parquet for per-step traces
     figures/        PNG figures
-    shards/         the sweep runner's finished batches (what a re-run resumes from)
+    tables/<sweep>_cells.csv   the keys of the cells a sweep used, in the shared cell store
+                    (`dplib.store`, default `results/cells/`), which holds the computed cells
     <notebook>.ipynb, <notebook>.html   the executed notebook and its render (`dplib reproduce`)
 
 The run id is derived from the parameters (`run_id_for`): re-running with the same parameters
@@ -15,11 +16,13 @@ change where or how verbosely a run writes, not what it computes (`results_dir`,
 `run_id`, `interactive`), are left out of the identity. Pass `run_id=` to choose a name instead.
 
 Every file is written atomically (a temporary file in the same directory, then `os.replace`), so
-a killed process never leaves a half-written table behind.
+a killed process never leaves a half-written table behind. run.json is read, changed and written
+under an exclusive lock (`locked`), so several processes recording into one run lose nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import hashlib
@@ -41,7 +44,7 @@ log = logging.getLogger(__name__)
 
 RESULTS_DIR = "results"
 # Parameters that do not change what a run computes: left out of the run id.
-NOT_IDENTITY = frozenset({"results_dir", "progress", "run_id", "interactive"})
+NOT_IDENTITY = frozenset({"results_dir", "progress", "run_id", "interactive", "executor"})
 PACKAGES = ("dplib", "torch", "transformers", "numpy", "pandas", "pyarrow", "seaborn", "matplotlib",
             "papermill", "scipy")
 STATUSES = ("running", "success", "failed")
@@ -173,6 +176,28 @@ def write_frame(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def locked(path: str | os.PathLike):
+    """Hold an exclusive lock on `path` (through the file `.<name>.lock` beside it) for a read-modify-write.
+
+    An OS advisory lock (flock; on Windows, msvcrt): released when the process ends, even killed,
+    so no stale lock outlives its holder. Every writer of the file must take it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a+b") as fh:
+        try:
+            import fcntl
+
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except ImportError:  # Windows
+            import msvcrt
+
+            fh.seek(0)
+            msvcrt.locking(fh.fileno(), msvcrt.LK_LOCK, 1)
+        yield  # closing the file releases the lock
+
+
 def read_frame(path: str | os.PathLike) -> pd.DataFrame:
     path = Path(path)
     return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
@@ -206,18 +231,25 @@ class Run:
         """The current content of run.json."""
         return json.loads(self.json_path.read_text())
 
+    @contextlib.contextmanager
+    def editing(self):
+        """Yield run.json's content as a dict, and write it back atomically when the block ends,
+        all under the run's lock: concurrent edits from several processes are applied one by one."""
+        with locked(self.json_path):
+            meta = self.meta if self.json_path.exists() else {}
+            yield meta
+            atomic_write_text(self.json_path, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+
     def update(self, **fields) -> dict:
         """Merge `fields` into run.json (top level) and write it atomically; returns the new content."""
-        meta = self.meta if self.json_path.exists() else {}
-        meta.update(to_jsonable(fields))
-        atomic_write_text(self.json_path, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        with self.editing() as meta:
+            meta.update(to_jsonable(fields))
         return meta
 
     def record(self, section: str, key: str, value) -> dict:
         """Set run.json[section][key] = value (e.g. one sweep's configs under "sweeps")."""
-        meta = self.meta
-        meta.setdefault(section, {})[key] = to_jsonable(value)
-        atomic_write_text(self.json_path, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        with self.editing() as meta:
+            meta.setdefault(section, {})[key] = to_jsonable(value)
         return meta
 
     def table_path(self, name: str, fmt: str = "csv") -> Path:
@@ -267,13 +299,14 @@ class Run:
         """Record the end: status ("success" or "failed"), end time, duration."""
         if status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
-        meta = self.meta
-        end = _now()
-        start = meta.get("start")
-        duration = None
-        if start:
-            duration = (_dt.datetime.fromisoformat(end) - _dt.datetime.fromisoformat(start)).total_seconds()
-        return self.update(status=status, end=end, duration_s=duration, **fields)
+        with self.editing() as meta:
+            end = _now()
+            start = meta.get("start")
+            duration = None
+            if start:
+                duration = (_dt.datetime.fromisoformat(end) - _dt.datetime.fromisoformat(start)).total_seconds()
+            meta.update(to_jsonable({"status": status, "end": end, "duration_s": duration, **fields}))
+        return meta
 
 
 def start_run(notebook: str, params: Mapping, *, results_dir: str | os.PathLike = RESULTS_DIR,
@@ -292,18 +325,18 @@ def start_run(notebook: str, params: Mapping, *, results_dir: str | os.PathLike 
     run_id = run_id or run_id_for(params)
     run = Run(Path(results_dir) / notebook / run_id)
     run.path.mkdir(parents=True, exist_ok=True)
-    old = run.meta if run.json_path.exists() else {}
-    now = _now()
-    run.update(
-        notebook=notebook, run_id=run_id, status="running",
-        start=old.get("start", now), attempt_start=now, attempts=int(old.get("attempts", 0)) + 1,
-        end=None, duration_s=None,
-        parameters=dict(params), seeds=seeds if seeds is not None else params.get("seed"),
-        configs=dict(configs or old.get("configs", {})), sweeps=old.get("sweeps", {}),
-        versions=package_versions(), git=git_state(), device=device_info(device),
-        command=" ".join(sys.argv[:1]),
-    )
-    log.info("run directory %s (attempt %d)", run.path, run.meta["attempts"])
+    environment = dict(versions=package_versions(), git=git_state(), device=device_info(device))
+    with run.editing() as meta:  # one locked edit: two processes opening the run both count
+        now = _now()
+        meta.update(to_jsonable(dict(
+            notebook=notebook, run_id=run_id, status="running",
+            start=meta.get("start", now), attempt_start=now, attempts=int(meta.get("attempts", 0)) + 1,
+            end=None, duration_s=None,
+            parameters=dict(params), seeds=seeds if seeds is not None else params.get("seed"),
+            configs=dict(configs or meta.get("configs", {})), sweeps=meta.get("sweeps", {}),
+            **environment, command=" ".join(sys.argv[:1]),
+        )))
+    log.info("run directory %s (attempt %d)", run.path, meta["attempts"])
     return run
 
 

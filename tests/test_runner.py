@@ -1,5 +1,5 @@
 """The sweep runner on the tiny model with the real registry methods: the tidy table, per-target
-seeds (sub-setting changes no result), shards and resume after SIGKILL."""
+seeds (sub-setting changes no result), the shared cell store, failed cells, and resume after SIGKILL."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from dplib import optim, results, runner, targets
+from dplib.store import CellStore
 
 SOFT = {"steps": 6, "prompt_length": 2}
 HARD = {"steps": 2, "prompt_length": 2, "n_candidates": 8, "top_k": 8}
@@ -90,14 +91,22 @@ def test_sweep_table(tiny, grid, tmp_path):
     # entropy is the target's realised entropy, and the metadata came along
     assert df.loc[df.method == "soft"].groupby("seed")["entropy_nats"].apply(list).iloc[0] == \
         pytest.approx(grid.entropy.tolist(), abs=1e-5)
-    # written: table, trace, shards, run.json record
+    assert (df["status"] == "ok").all() and df["error"].isna().all()
+    # written: table, trace, the cells in the shared store (results/cells), the run's cell list, run.json
     pd.testing.assert_frame_equal(_norm(run.load_table("s")), _norm(df), check_dtype=False)
     trace = run.load_table("s_trace")
     assert {"run_id", "sweep", "method", "variant", "seed", "target_id", "step", "kl_nats"} <= set(trace)
-    assert len(list((run.path / "shards" / "s").glob("*__b*.parquet"))) == 2 * 18
+    store = CellStore(tmp_path / "cells")
+    cells = run.load_table("s_cells")
+    assert len(cells) == 18 and sorted(cells["key"]) == store.keys()
+    assert set(cells["status"]) == {"ok"} and set(cells["origin"]) == {"computed"}
+    assert len(list(store.root.glob("*/*.trace.parquet"))) == 18
     sweep_meta = run.meta["sweeps"]["s"]
-    assert sweep_meta["status"] == "success" and sweep_meta["batches_computed"] == 18
+    assert sweep_meta["status"] == "success" and sweep_meta["cells_computed"] == 18
+    assert sweep_meta["store"] == str(store.root.resolve()) and sweep_meta["executor"] == {"kind": "local"}
     assert sweep_meta["methods"]["soft"]["config"]["steps"] == SOFT["steps"]
+    loaded = runner.load_sweep(run, "s")
+    assert len(loaded) == len(df) and set(loaded["variant"]) == {"soft", "hard", "free_bound"}
 
 
 def test_subsetting_or_rebatching_changes_no_result(tiny, grid):
@@ -112,16 +121,16 @@ def test_subsetting_or_rebatching_changes_no_result(tiny, grid):
     assert merged["prompt_text_part"].fillna("<none>").tolist() == merged["prompt_text_full"].fillna("<none>").tolist()
 
 
-def test_resume_reuses_finished_shards(tiny, grid, tmp_path):
+def test_resume_reuses_finished_cells(tiny, grid, tmp_path):
     model, tok = tiny
     run = results.start_run("t", {"k": 2}, results_dir=tmp_path)
     first = runner.run_sweep(model, tok, grid, {"soft": SOFT}, batch_size=2, run=run, progress=False)
-    shards = sorted((run.path / "shards" / "sweep").glob("*.parquet"))
-    mtimes = {p: p.stat().st_mtime_ns for p in shards}
+    cells = sorted((tmp_path / "cells").glob("*/*.parquet"))
+    mtimes = {p: p.stat().st_mtime_ns for p in cells}
     stats = runner.SweepStats()
     again = runner.run_sweep(model, tok, grid, {"soft": SOFT}, batch_size=2, run=run, progress=False, stats=stats)
     assert stats.computed == 0 and stats.reused == 3
-    assert {p: p.stat().st_mtime_ns for p in shards} == mtimes
+    assert {p: p.stat().st_mtime_ns for p in cells} == mtimes
     pd.testing.assert_frame_equal(_norm(first), _norm(again), check_dtype=False)
     # a changed config is a different cell: computed, not reused
     stats = runner.SweepStats()
@@ -170,39 +179,45 @@ def _sweep(results_dir, steps) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
+def _finished_cells(store_dir):
+    return [p for p in store_dir.glob("*/*.parquet") if not p.name.endswith(".trace.parquet")]
+
+
 @pytest.mark.slow
 def test_killed_sweep_resumes_to_the_same_table(tmp_path):
     steps = 60
     killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
     proc = _sweep(killed_dir, steps)
-    shard_dir = killed_dir / "resume" / results.run_id_for({"n": 6}) / "shards" / "sweep"
+    store_dir = killed_dir / "cells"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if [p for p in shard_dir.glob("*.parquet") if not p.name.endswith(".trace.parquet")]:
-            break  # the first batch is finished: kill the run while the second is in flight
+        if _finished_cells(store_dir):
+            break  # the first cell is finished: kill the run while the second is in flight
         time.sleep(0.05)
     assert proc.poll() is None, "the sweep finished before it could be killed; raise its steps"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = [p for p in shard_dir.glob("*.parquet") if not p.name.endswith(".trace.parquet")]
+    done = _finished_cells(store_dir)
     assert 1 <= len(done) < 3
-    before = {p.name: p.stat().st_mtime_ns for p in done}
-    run = results.open_run(shard_dir.parent.parent)
+    before = {p: p.stat().st_mtime_ns for p in done}
+    run = results.open_run(killed_dir / "resume" / results.run_id_for({"n": 6}))
     assert run.meta["status"] == "running"  # the kill left it unfinished
+    assert set(run.load_table("sweep_cells")["status"]) == {"pending"}  # as planned before any cell finished
 
     resumed = _sweep(killed_dir, steps)
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out.decode()
     meta = run.meta
     assert meta["status"] == "success" and meta["attempts"] == 2
-    assert meta["sweeps"]["sweep"]["batches_reused"] == len(done)
-    assert meta["sweeps"]["sweep"]["batches_computed"] == 3 - len(done)
-    assert {p: (shard_dir / p).stat().st_mtime_ns for p in before} == before  # not redone
+    assert meta["sweeps"]["sweep"]["cells_reused"] == len(done)
+    assert meta["sweeps"]["sweep"]["cells_computed"] == 3 - len(done)
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # not redone
+    assert len(_finished_cells(store_dir)) == 3
 
     clean = _sweep(clean_dir, steps)
     out, _ = clean.communicate(timeout=300)
     assert clean.returncode == 0, out.decode()
-    a = results.open_run(shard_dir.parent.parent).load_table("sweep").drop(columns=VOLATILE)
+    a = run.load_table("sweep").drop(columns=VOLATILE)
     b = results.open_run(clean_dir / "resume" / run.run_id).load_table("sweep").drop(columns=VOLATILE)
     pd.testing.assert_frame_equal(_norm(a), _norm(b))
 
