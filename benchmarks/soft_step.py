@@ -7,7 +7,7 @@ Prints, for T targets in {1, 8, 32, 64} and prompt lengths L in {1, 5, 10}:
 Then the wall time of `free_bound` and `norm_bound` for 64 vanilla targets over a spread of entropies.
 
 FLOPs per target-step = 2 × (forward), forward = 2·n_body_params·n_positions + 2·vocab·d (head, last
-position only); the backward pass with frozen weights costs about one forward (PERF_NOTES).
+position only); the backward pass with frozen weights costs about one forward (docs/performance.md).
 
     .venv/bin/python benchmarks/soft_step.py            # full run (~10 min on the 2-core CPU)
     .venv/bin/python benchmarks/soft_step.py --quick    # smoke run (~1-2 min)
