@@ -20,7 +20,10 @@ Every optimiser, bound and target builder asks this module for what it needs:
   `max_positions(model)`: the position limit (None where the config states none, e.g. ALiBi).
 - `special_ids` / `allowed_tokens`: the ids a real prompt may not / may use.
 - `PromptFrame` / `prompt_frame`: the one rule for what surrounds a prompt (BOS, prefix and suffix
-  text), used identically by soft, hard, layer_bound, `reference`, `from_model` and scoring.
+  text, or the chat template with prefix "chat": `chat_frame`), used identically by soft, hard,
+  layer_bound, `reference`, `from_model` and scoring.
+- `continuation_logprobs`: log-probabilities along many continuations of one context, the context run
+  once (chaining the conditionals of answer strings).
 - `fingerprint(model)`: the identity of a model's weights and dtype (for caching results).
 
 The first call on a model checks the fast path against the model's own full forward
@@ -46,9 +49,9 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "LOGIT_TRANSFORMS", "ModelStructureError", "NormSpec", "OutputLayer", "PromptFrame", "allowed_tokens",
-    "body", "bos_id", "check", "check_length", "configure", "embed", "embedding_matrix", "final_norm", "fingerprint", "kl_from_logprobs",
-    "last_hidden", "layers", "logits_width", "max_positions", "next_token_logprobs", "norm_spec",
+    "CHAT", "LOGIT_TRANSFORMS", "ChatTemplateError", "ModelStructureError", "NormSpec", "OutputLayer", "PromptFrame",
+    "allowed_tokens", "body", "bos_id", "chat_frame", "check", "check_length", "configure", "embed", "embedding_matrix", "final_norm", "fingerprint", "kl_from_logprobs",
+    "last_hidden", "layers", "logits_width", "max_positions", "next_token_logprobs", "norm_spec", "continuation_logprobs",
     "output_layer", "prompt_frame", "special_ids", "text_config",
 ]
 
@@ -321,6 +324,29 @@ def next_token_logprobs(model, inputs_embeds: Tensor, attention_mask: Tensor | N
     """
     head = head or output_layer(model)
     return torch.log_softmax(head.logits(last_hidden(model, inputs_embeds, attention_mask)), dim=-1)
+
+
+def continuation_logprobs(model, context_embeds: Tensor, continuation_embeds: Tensor,
+                          head: OutputLayer | None = None) -> Tensor:
+    """Log-probabilities along B continuations of one shared context, the context run once.
+
+    context_embeds: (1, n, d_model); continuation_embeds: (B, k, d_model) (right-padded rows are fine:
+    a causal model's output at a position never sees later ones). Returns (B, k + 1, vocab) float32:
+    row b, position j is the next-token distribution after the context and the first j tokens of
+    continuation b. The context's key/value cache is computed once and repeated over the batch, so B
+    continuations cost B·k positions, not B·(n + k). Call `check(model)` once first.
+    """
+    head = head or output_layer(model)
+    check_length(model, context_embeds.shape[1] + continuation_embeds.shape[1])
+    dec = body(model)
+    out = dec(inputs_embeds=context_embeds, use_cache=True)
+    cache = out.past_key_values
+    batch = continuation_embeds.shape[0]
+    cache.batch_repeat_interleave(batch)
+    more = dec(inputs_embeds=continuation_embeds, past_key_values=cache, use_cache=True).last_hidden_state
+    hidden = torch.cat([out.last_hidden_state[:, -1:, :].expand(batch, -1, -1), more], dim=1)
+    b, k, d = hidden.shape
+    return torch.log_softmax(head.logits(hidden.reshape(b * k, d)), dim=-1).reshape(b, k, -1)
 
 
 def kl_from_logprobs(target_probs: Tensor, model_logprobs: Tensor) -> Tensor:
@@ -603,11 +629,21 @@ def bos_id(tokenizer) -> int | None:
     return None if bos is None else int(bos)
 
 
+CHAT = "chat"  # the `prefix` value that places the prompt inside the tokenizer's chat template
+
+
+class ChatTemplateError(ValueError):
+    """prefix="chat" cannot be used with this tokenizer; the message says what to set instead."""
+
+
 def prompt_frame(model, tokenizer, prefix: str = "bos", suffix: str = "") -> PromptFrame:
     """The frame around a prompt: prefix "bos" = the tokenizer's BOS token (nothing if it has none),
-    "" = nothing, any other string = that literal text; suffix = literal text after the prompt."""
+    "" = nothing, "chat" = the tokenizer's chat template (`chat_frame`), any other string = that
+    literal text; suffix = literal text after the prompt (with "chat": inside the user message)."""
     if not isinstance(prefix, str) or not isinstance(suffix, str):
-        raise TypeError(f"prefix and suffix must be strings ('bos', '' or text); got {prefix!r}, {suffix!r}.")
+        raise TypeError(f"prefix and suffix must be strings ('bos', 'chat', '' or text); got {prefix!r}, {suffix!r}.")
+    if prefix == CHAT:
+        return chat_frame(model, tokenizer, suffix)
     special: tuple[int, ...] = ()
     prefix_text = prefix
     if prefix == "bos":
@@ -619,6 +655,65 @@ def prompt_frame(model, tokenizer, prefix: str = "bos", suffix: str = "") -> Pro
             log.info("prefix='bos' but the tokenizer has no BOS token: no prefix is used")
     return PromptFrame(special, prefix_text, suffix, special + tuple(_encode(tokenizer, prefix_text)),
                        tuple(_encode(tokenizer, suffix)), max_positions(model), tokenizer)
+
+
+# A marker no template alters: the user message is rendered with it, then split there.
+_PLACEHOLDER = "<<dplib-prompt-7f3a>>"
+
+
+def chat_frame(model, tokenizer, suffix: str = "") -> PromptFrame:
+    """The frame that places the prompt inside the model's chat template.
+
+    The conversation is one user message, `prompt + suffix`, rendered by the tokenizer's chat
+    template with the generation prompt, so the next token is the first of the assistant's answer
+    (the template's default system message, if it adds one, is kept: it is what the model sees in
+    use). The rendering is split at the prompt: prefix_text is everything before it, suffix_text
+    everything after (`suffix`, the end of the user turn, the assistant header).
+
+    BOS: templates write the BOS token as text (Gemma's "<bos>", SmolLM2's "<|im_start|>"); when the
+    rendering starts with the tokenizer's BOS text it is moved into `special` as the id, once, so it
+    is never doubled. The frame is checked against the conversation as Hugging Face tokenises it
+    (`tokenizer(apply_chat_template(..., tokenize=False), add_special_tokens=False)`) on a probe
+    prompt, and the template must insert the user message verbatim (a template that trims or
+    rewrites it cannot hold an optimised prompt unchanged): either failure raises ChatTemplateError.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise ChatTemplateError(
+            f"prefix='chat' needs a chat template, but {type(tokenizer).__name__} has none "
+            "(tokenizer.chat_template is not set; base models usually have none). Set "
+            "tokenizer.chat_template to the model's Jinja template, or frame the prompt with plain text "
+            "instead: prefix='bos', suffix='\\nAnswer:'.")
+
+    def render(content: str) -> str:
+        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True)
+
+    rendered = render(_PLACEHOLDER + suffix)
+    if rendered.count(_PLACEHOLDER) != 1:
+        raise ChatTemplateError("the chat template does not render the user message exactly once; dplib cannot "
+                                "place a prompt in it. Set tokenizer.chat_template to one that does.")
+    before, after = rendered.split(_PLACEHOLDER)
+    pad = " \n"  # whitespace a trimming template would drop: the message must come through verbatim
+    if render(pad + _PLACEHOLDER + pad + suffix) != before + pad + _PLACEHOLDER + pad + after:
+        raise ChatTemplateError(
+            "the chat template changes the user message (e.g. trims whitespace around it), so an optimised "
+            "prompt would not reach the model unchanged. Set tokenizer.chat_template to a version that "
+            "inserts message['content'] as is (e.g. without `| trim`).")
+    special: tuple[int, ...] = ()
+    bos, bos_text = bos_id(tokenizer), getattr(tokenizer, "bos_token", None)
+    if bos is not None and bos_text and before.startswith(bos_text):
+        special, before = (bos,), before[len(bos_text):]
+    frame = PromptFrame(special, before, after, special + tuple(_encode(tokenizer, before)),
+                        tuple(_encode(tokenizer, after)), max_positions(model), tokenizer)
+    probe = "Hello there"
+    expected = list(tokenizer(render(probe + suffix), add_special_tokens=False)["input_ids"])
+    if frame.encode(probe) != expected:
+        raise ChatTemplateError(
+            "dplib's split of the chat template does not tokenise like the rendered conversation "
+            f"({frame.encode(probe)} vs {expected} on a probe); the template's prefix or suffix text "
+            "merges with the user message. Use prefix/suffix text instead of prefix='chat'.")
+    return frame
 
 
 # --------------------------------------------------------------------------------------------

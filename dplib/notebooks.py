@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 # The study's notebooks (SPEC §Experiments); reproduce runs what exists and names what is missing.
 EXPECTED = ("00_quickstart", "01_entropy_sweep", "02_outlier_study", "03_lm_targets",
-            "04_soft_vs_hard", "05_bottleneck")
+            "04_soft_vs_hard", "05_bottleneck", "06_distribution_proposers")
 KERNEL_NAME = "python3"  # jupyter_client starts "python" kernelspecs with sys.executable
 
 

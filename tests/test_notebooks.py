@@ -286,7 +286,8 @@ def _n_outlier_points(vocab, grid, k, m):
 
 def test_experiment_notebooks_exist():
     names = {p.stem for p in NOTEBOOKS}
-    assert {"02_outlier_study", "03_lm_targets", "04_soft_vs_hard", "05_bottleneck"} <= names
+    assert {"02_outlier_study", "03_lm_targets", "04_soft_vs_hard", "05_bottleneck",
+            "06_distribution_proposers"} <= names
 
 
 @pytest.mark.slow
@@ -390,3 +391,24 @@ def test_bottleneck_smoke_tables(smoke_runs):
     assert set(run.load_table("bound_share_by_kind")["kind"]) == {"vanilla", "outlier", "lm"}
     assert set(run.load_table("parts_by_bin")["kind"]) == {"all", "vanilla", "outlier", "lm"}
     assert run.meta["headline_table"] == "tables/bound_share.csv"
+
+
+@pytest.mark.slow
+def test_distribution_proposers_smoke_tables(smoke_runs):
+    _, outcomes = smoke_runs
+    smoke = _smoke("06_distribution_proposers")
+    run = results.open_run(outcomes["06_distribution_proposers"].run_dir)
+    table = run.load_table("results")
+    n_tasks = len(smoke["tasks"])
+    assert table.groupby(["model", "method"]).size().to_dict() == {
+        (m, method): n_tasks for m in smoke["models"] for method in ("instruction", "hard", "soft", "free_bound")}
+    prompts = table[table["method"] != "free_bound"]
+    _no_nan(prompts, ["kl_nats", "kl_answers_nats", "mass_outside", "mass_other_forms", "prompt_text"])
+    assert prompts["mass_outside"].between(-1e-9, 1).all()
+    instructions = run.load_table("instructions")
+    assert len(instructions) == sum(len(v) for v in smoke["instructions"].values()) * len(smoke["models"])
+    dist = run.load_table("distributions")
+    sums = dist.groupby(["model", "target_id", "source"])["prob"].sum()
+    assert (sums - 1).abs().max() < 1e-6  # the answers and "(outside)" hold all the mass
+    assert run.meta["headline_table"] == "tables/results.csv"
+    assert {f.name for f in run.figures()} == {f"distributions_{m}.png" for m in smoke["models"]}

@@ -23,7 +23,11 @@ running:
    not improved for `patience` steps stops and is no longer scored.
 
 How a prompt is tokenised is `lm.PromptFrame`'s one rule (the contract `score_prompt_text` checks
-from scratch): ids = [BOS if prefix == "bos"] + encode(prefix_text + prompt_text + suffix). The
+from scratch): ids = [BOS if prefix == "bos"] + encode(prefix_text + prompt_text + suffix); with
+prefix "chat" the prefix and suffix text are the chat template's rendering around the user message
+(`lm.chat_frame`), so the prompt is what the user says and the target is the assistant's first token.
+`init_text` starts the search from given text (e.g. the best hand-written instruction, one per target)
+instead of random tokens; with prompt_length=None, L is that text's token count. The
 optimiser works on the segments `[BOS] + encode(prefix_text)`, the L prompt ids and `encode(suffix)`;
 the filter guarantees that the whole-string tokenisation equals that concatenation, so the decoded
 `prompt_text` run through the model from scratch gives the reported KL (up to float noise of
@@ -60,7 +64,7 @@ from .common import BestTracker, Result
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HardConfig", "HardSearch", "optimize_hard", "score_prompt_text"]
+__all__ = ["HardConfig", "HardSearch", "optimize_hard", "resolve_length", "score_prompt_text"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,14 +76,18 @@ __all__ = ["HardConfig", "HardSearch", "optimize_hard", "score_prompt_text"]
 class HardConfig:
     """Every knob of `optimize_hard`, as plain values (written to run metadata as is)."""
 
-    prompt_length: int = 10  # L, tokens in the optimised prompt (default 10)
+    prompt_length: int | None = 10  # L, tokens in the optimised prompt (default 10); None = init_text's token count
     steps: int = 100  # maximum search steps per target (default 100)
     top_k: int = 256  # replacement tokens per position ranked by the gradient (default 256)
     n_candidates: int = 256  # B, candidate prompts scored per target per step (default 256)
     n_swaps: int = 1  # positions changed per candidate, ≤ prompt_length (default 1, as in GCG)
-    init_text: str | None = None  # initial prompt text (must tokenise to exactly L tokens); None = random allowed tokens
-    prefix: str = "bos"  # fixed text before the prompt: "bos" = the BOS token (nothing if the tokenizer has none), "" = none, else literal text
-    suffix: str = ""  # fixed text after the prompt (default none)
+    # initial prompt text, or a tuple of one text per target (e.g. hand-written instructions to improve);
+    # each must tokenise to exactly L tokens (prompt_length=None: L is their token count); None = random tokens
+    init_text: str | tuple[str, ...] | None = None
+    # fixed text before the prompt: "bos" = the BOS token (nothing if the tokenizer has none), "chat" = the
+    # prompt is the user message of the tokenizer's chat template (lm.chat_frame), "" = none, else literal text
+    prefix: str = "bos"
+    suffix: str = ""  # fixed text after the prompt (with prefix "chat": the rest of the user message) (default none)
     ascii_only: bool = False  # restrict prompt tokens to printable ASCII text (default False)
     retokenize_filter: bool = True  # keep only candidates whose text re-tokenises to the same ids (default True)
     patience: int = 20  # stop a target after this many steps without improvement; 0 = never (default 20)
@@ -91,17 +99,26 @@ class HardConfig:
             if not ok:
                 raise ValueError(f"HardConfig: {msg}")
 
+        if isinstance(self.init_text, list):  # a JSON round trip gives a list: keep the frozen form
+            object.__setattr__(self, "init_text", tuple(self.init_text))
+        texts = (self.init_text,) if isinstance(self.init_text, str) else self.init_text or ()
+        need(self.init_text is None or (isinstance(self.init_text, (str, tuple)) and len(texts) > 0
+                                        and all(isinstance(t, str) and t != "" for t in texts)),
+             f"init_text must be None (random tokens), non-empty text, or a tuple of non-empty texts (one per "
+             f"target), got {self.init_text!r}.")
+        need(self.prompt_length is not None or self.init_text is not None,
+             "prompt_length=None takes L from init_text's token count; give init_text, or an integer prompt_length.")
         for name in ("prompt_length", "steps", "top_k", "n_candidates", "n_swaps", "candidate_batch"):
             value = getattr(self, name)
+            if name == "prompt_length" and value is None:
+                continue
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                  f"{name} must be an integer ≥ 1, got {value!r}.")
         need(isinstance(self.patience, int) and not isinstance(self.patience, bool) and self.patience >= 0,
              f"patience must be an integer ≥ 0 (0 = never stop early), got {self.patience!r}.")
         need(isinstance(self.seed, int) and not isinstance(self.seed, bool), f"seed must be an integer, got {self.seed!r}.")
-        need(self.n_swaps <= self.prompt_length,
+        need(self.prompt_length is None or self.n_swaps <= self.prompt_length,
              f"n_swaps={self.n_swaps} exceeds prompt_length={self.prompt_length}; use n_swaps ≤ prompt_length.")
-        need(self.init_text is None or (isinstance(self.init_text, str) and self.init_text != ""),
-             f"init_text must be None (random tokens) or non-empty text, got {self.init_text!r}.")
         need(isinstance(self.prefix, str),
              f"prefix must be a string: 'bos' (the BOS token), '' (none) or literal text; got {self.prefix!r}.")
         need(isinstance(self.suffix, str), f"suffix must be a string ('' for none), got {self.suffix!r}.")
@@ -177,8 +194,9 @@ def score_prompt_text(model, tokenizer, texts: Sequence[str], targets: Targets, 
                suffix: str = "") -> tuple[Tensor, Tensor]:
     """Score prompt TEXTS from scratch: tokenise each as the prompt frame does, run the model, compare.
 
-    texts: T prompt texts, one per target (e.g. `Result.prompt_text`).
-    prefix, suffix: as in HardConfig (pass the config's values).
+    texts: T prompt texts, one per target (e.g. `Result.prompt_text`, or hand-written instructions).
+    prefix, suffix: as in HardConfig (pass the config's values; prefix "chat" places each text as the
+        user message of the chat template, so this scores instructions as an instruct model meets them).
     Returns (kl (T,) float32 nats, logprobs (T, vocab) float32), on CPU. Each text is run on its
     own (batch of one, no padding), so this is an independent check of what an optimiser reported.
     """
@@ -260,24 +278,58 @@ def _random_prompt(tokenizer, frame: PromptFrame, allowed_ids: Tensor, L: int, c
                        f"{tries} tries; set init_text, or retokenize_filter=False.")
 
 
+def _init_texts(config: HardConfig, n_targets: int) -> list[str] | None:
+    """init_text as one text per target (a single text is shared by all), or None for random prompts."""
+    if config.init_text is None:
+        return None
+    if isinstance(config.init_text, str):
+        return [config.init_text] * n_targets
+    if len(config.init_text) != n_targets:
+        raise ValueError(f"init_text holds {len(config.init_text)} texts for {n_targets} targets; give one text per "
+                         "target (in the targets' order), or a single text for all.")
+    return list(config.init_text)
+
+
+def resolve_length(tokenizer, config: HardConfig, n_targets: int) -> HardConfig:
+    """The config with prompt_length set: with prompt_length=None, L is the token count of init_text (every
+    target's text must have the same count: a batch shares one L; `dplib.proposers.warm_started_hard`
+    groups texts of different lengths into separate runs)."""
+    if config.prompt_length is not None:
+        return config
+    texts = _init_texts(config, n_targets)
+    lengths = {len(tokenizer.encode(t, add_special_tokens=False)) for t in texts}
+    if len(lengths) != 1:
+        raise ValueError(f"prompt_length=None but the init texts tokenise to different lengths {sorted(lengths)}; "
+                         "one search runs one L: run texts of each length separately "
+                         "(dplib.proposers.warm_started_hard does), or set prompt_length.")
+    L = lengths.pop()
+    if config.n_swaps > L:
+        raise ValueError(f"n_swaps={config.n_swaps} exceeds the init texts' length L={L}; use n_swaps ≤ {L}.")
+    return dataclasses.replace(config, prompt_length=L)
+
+
 def _initial_prompts(tokenizer, frame: PromptFrame, config: HardConfig, allowed: Tensor,
                      gens: list[torch.Generator]) -> list[list[int]]:
     L = config.prompt_length
-    if config.init_text is None:
+    texts = _init_texts(config, len(gens))
+    if texts is None:
         allowed_ids = allowed.nonzero().flatten().cpu()
         return [_random_prompt(tokenizer, frame, allowed_ids, L, config.retokenize_filter, g) for g in gens]
-    ids = tokenizer.encode(config.init_text, add_special_tokens=False)
-    if len(ids) != L:
-        raise ValueError(f"init_text={config.init_text!r} tokenises to {len(ids)} tokens but prompt_length={L}; "
-                         f"set prompt_length={len(ids)} or change the text.")
-    bad = [i for i in ids if not allowed[i]]
-    if bad:
-        raise ValueError(f"init_text contains disallowed tokens {tokenizer.convert_ids_to_tokens(bad)} "
-                         "(special tokens, or non-ASCII with ascii_only=True); change the text.")
-    if config.retokenize_filter and not frame.text_reproduces([ids])[0][0]:
-        raise ValueError(f"init_text={config.init_text!r} does not re-tokenise to the same ids when joined with "
-                         "the prefix/suffix; change it (e.g. spacing at the boundaries) or set retokenize_filter=False.")
-    return [list(ids) for _ in gens]
+    prompts = []
+    for text in texts:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) != L:
+            raise ValueError(f"init_text={text!r} tokenises to {len(ids)} tokens but prompt_length={L}; "
+                             f"set prompt_length={len(ids)} (or None: the text's token count) or change the text.")
+        bad = [i for i in ids if not allowed[i]]
+        if bad:
+            raise ValueError(f"init_text={text!r} contains disallowed tokens {tokenizer.convert_ids_to_tokens(bad)} "
+                             "(special tokens, or non-ASCII with ascii_only=True); change the text.")
+        if config.retokenize_filter and not frame.text_reproduces([ids])[0][0]:
+            raise ValueError(f"init_text={text!r} does not re-tokenise to the same ids when joined with the "
+                             "prefix/suffix; change it (e.g. spacing at the boundaries) or set retokenize_filter=False.")
+        prompts.append(list(ids))
+    return prompts
 
 
 class HardSearch:
@@ -291,6 +343,7 @@ class HardSearch:
     def __init__(self, model, tokenizer, targets: Targets, config: HardConfig):
         targets.check_width(model)
         self.t0 = time.perf_counter()
+        config = resolve_length(tokenizer, config, len(targets))
         self.model, self.tokenizer, self.targets, self.config = model, tokenizer, targets, config
         self.device = device = next(model.parameters()).device
         T = len(targets)
