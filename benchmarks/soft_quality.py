@@ -34,7 +34,7 @@ from dplib.optim import BestTracker, BoundConfig, SoftConfig, free_bound, optimi
 ENTROPIES = [0.5, 2, 3.5, 5, 6, 7, 8, 9, 10, 10.5]
 MODELS = ["smollm2-135m", "gemma3-270m"]
 # The defaults before issue 18, spelled out so the comparison survives later default changes.
-OLD = {"lr": 0.01, "schedule": "constant", "patience": 0, "restarts": 1}
+OLD = {"steps": 300, "lr": 0.01, "schedule": "constant", "patience": 0, "restarts": 1}
 VARIANTS = {"old": OLD, "new": {}}
 CHECKPOINTS = (50, 100, 200, 300, 600)
 # Early-stopping rules replayed on each variant's trace: (patience, min_rel_improvement, min_steps).

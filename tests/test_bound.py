@@ -6,12 +6,13 @@ import copy
 import math
 import threading
 
+import families
 import pandas as pd
 import pytest
 import torch
 from helpers import own_distribution, random_targets
 
-from dplib.lm import norm_spec, output_layer
+from dplib.lm import kl_from_logprobs, norm_spec, output_layer
 from dplib.optim.bound import (
     PRECOND_TOKENS,
     TAIL_FLOOR,
@@ -171,6 +172,25 @@ def test_norm_spec_and_bound_for_layernorm():
     assert (norm.kl >= free.kl - 1e-7).all()
     # What LayerNorm can output: the norm bound's distribution must be reachable by some input.
     assert all(norm.meta["converged"])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3", "olmo"])
+def test_bound_hidden_reaches_the_bound_and_norm_hidden_is_a_norm_output(family):
+    """Result.hidden is the head input at the optimum: the model's own head gives the bound's KL there;
+    the norm bound's h = γ ⊙ u + β with ‖u‖ ≤ √d (and Σ u = 0 for LayerNorm)."""
+    model, tok = families.build(family)
+    targets = random_targets(logits_width(model), 3, temperature=2.0, seed=4)
+    head, spec = output_layer(model), norm_spec(model)
+    for r in (free_bound(model, tok, targets, progress=False), norm_bound(model, tok, targets, progress=False)):
+        assert r.hidden.shape == (3, model.config.hidden_size) and r.hidden.dtype == torch.float64
+        with torch.no_grad():
+            logprobs = torch.log_softmax(head.logits(r.hidden.to(head.weight.dtype)), -1)
+        torch.testing.assert_close(kl_from_logprobs(targets.probs, logprobs).double(), r.kl.double(),
+                                   atol=2e-4, rtol=1e-4)
+    u = (r.hidden - (0.0 if spec.beta is None else spec.beta)) / spec.gamma
+    assert (u.norm(dim=-1) <= spec.radius * (1 + 1e-6)).all()
+    if spec.kind == "layer":
+        torch.testing.assert_close(u.sum(-1), torch.zeros(3, dtype=torch.float64), atol=1e-8, rtol=0)
 
 
 def test_norm_bound_between_free_and_soft_on_tiny(tiny):

@@ -13,6 +13,7 @@ from dplib import lm
 from dplib.lm import allowed_tokens, embed, kl_from_logprobs
 from dplib.models import tiny_model
 from dplib.optim import soft as soft_module
+from dplib.optim.bound import norm_bound
 from dplib.optim.common import BestTracker
 from dplib.optim.hard import score_prompt_text
 from dplib.optim.soft import SoftConfig, _lr_at, nearest_tokens, optimize_soft
@@ -42,6 +43,8 @@ from dplib.targets import TargetError, logits_width
     ({"min_rel_improvement": 1.0}, "min_rel_improvement"),
     ({"min_rel_improvement": -0.1}, "min_rel_improvement"),
     ({"project": "yes"}, "project"),
+    ({"warm_steps": -1}, "warm_steps"),
+    ({"warm_steps": 11, "steps": 10}, "warm_steps"),
 ])
 def test_config_validation_says_how_to_fix(kwargs, match):
     with pytest.raises(ValueError, match=match) as err:
@@ -156,9 +159,10 @@ def test_relative_improvement_rule_counts_a_slow_descent_only_once_it_adds_up():
     assert run(0, 0.01, flat) is None  # patience 0: never stop
 
 
-def _reference_soft(model, tok, targets, config, init_ids):
+def _reference_soft(model, tok, targets, config, init_ids, warm_hidden=None):
     """The plain algorithm, written out: BOS + L vectors from init_ids, Adam on the sum of KLs (constant lr),
-    full-model logits; returns the (steps + 1, T) KL trace."""
+    full-model logits; returns the (steps + 1, T) KL trace. With warm_hidden (T, d), the first
+    config.warm_steps steps minimise Σ ‖h − h*‖² / ‖h*‖² instead (h: the last position's final hidden state)."""
     emb = model.get_input_embeddings()
     bos = emb(torch.tensor([[tok.bos_token_id]])).detach().float()
     param = emb(init_ids).detach().float().clone().requires_grad_(True)
@@ -166,12 +170,17 @@ def _reference_soft(model, tok, targets, config, init_ids):
     trace = []
     for step in range(config.steps + 1):
         x = torch.cat([bos.expand(len(param), -1, -1), param], dim=1)
-        logprobs = model(inputs_embeds=x).logits[:, -1].float().log_softmax(-1)
+        out = model(inputs_embeds=x, output_hidden_states=True)
+        logprobs = out.logits[:, -1].float().log_softmax(-1)
         kl = kl_from_logprobs(targets.probs, logprobs)
         trace.append(kl.detach())
         if step == config.steps:
             break
-        kl.sum().backward()
+        loss = kl
+        if warm_hidden is not None and step < config.warm_steps:
+            h = out.hidden_states[-1][:, -1].float()  # the final norm's output: what the head reads
+            loss = (h - warm_hidden).pow(2).sum(-1) / warm_hidden.pow(2).sum(-1)
+        loss.sum().backward()
         opt.step()
         opt.zero_grad()
     return torch.stack(trace)
@@ -188,6 +197,20 @@ def test_one_restart_is_the_single_start_algorithm(tiny):
                        for t in targets.ids])
     assert r.meta["init_ids"] == ids.tolist() and r.meta["restart"] == [0, 0, 0]
     torch.testing.assert_close(r.trace, _reference_soft(model, tok, targets, config, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_warm_start_fits_the_norm_bounds_hidden_state_then_the_kl(tiny):
+    """warm_steps: the written-out algorithm (hidden-state fit to norm_bound's h*, then KL), step for step,
+    with every KL through the model's own forward."""
+    model, tok = tiny
+    targets = random_targets(logits_width(model), 3, seed=5, temperature=2.0)
+    config = SoftConfig(steps=14, warm_steps=8, prompt_length=3, lr=0.05, project=False)
+    r = optimize_soft(model, tok, targets, config, progress=False)
+    h_star = norm_bound(model, tok, targets, progress=False).hidden.float()
+    ids = torch.tensor(r.meta["init_ids"])
+    torch.testing.assert_close(r.trace, _reference_soft(model, tok, targets, config, ids, h_star), atol=1e-4, rtol=1e-4)
+    cold = optimize_soft(model, tok, targets, dataclasses.replace(config, warm_steps=0), progress=False)
+    assert not torch.allclose(r.trace[1:], cold.trace[1:])  # the warm phase changes the path
 
 
 def test_restarts_keep_the_best_of_separate_runs(tiny, monkeypatch):

@@ -568,7 +568,8 @@ def free_bound(model, tokenizer, targets: Targets, config: BoundConfig | None = 
     Returns:
         Result with method "free_bound": kl (T,) float64 bound in nats, initial_kl (T,) at h = 0,
         logprobs (T, vocab) float32 at the solution, steps (T,) solver iterations, trace
-        (n_iter + 2, T) KL at h = 0, at the start point and after each iteration (NaN once done).
+        (n_iter + 2, T) KL at h = 0, at the start point and after each iteration (NaN once done),
+        hidden (T, d) float64 the minimiser h*.
         meta: "converged" (T,) list of bools (gradient norm ≤ tol reached), "grad_norm" (T,) list,
         "hidden_norm" (T,) ‖h*‖, "is_bound"/"certified" (False with soft-capping).
     """
@@ -585,7 +586,7 @@ def free_bound(model, tokenizer, targets: Targets, config: BoundConfig | None = 
                   initial_kl=torch.cat([p["initial"] for p in parts]),
                   logprobs=torch.cat([p["logprobs"] for p in parts]), steps=torch.cat([p["iters"] for p in parts]),
                   trace=_pad_traces([p["trace"] for p in parts]), wall_s=time.perf_counter() - start,
-                  meta=meta)
+                  hidden=h, meta=meta)
 
 
 # --------------------------------------------------------------------------------------------
@@ -603,7 +604,7 @@ def norm_bound(model, tokenizer, targets: Targets, config: BoundConfig | None = 
     ball; otherwise the minimum is on the sphere, found by the same restarted solver on u = R v/‖v‖
     from the free solution's direction, and certified by its KKT multiplier λ = −⟨∇_u KL, u⟩/R² ≥ 0.
 
-    Returns Result "norm_bound" (as free_bound); meta adds "norm" (kind, radius), "interior",
+    Returns Result "norm_bound" (as free_bound; hidden = γ ⊙ u* + β, a final-norm output); meta adds "norm" (kind, radius), "interior",
     "multiplier", "certified" (per-target lists; converged and KKT holds).
     """
     config = _checked_config(config, model, targets)
@@ -631,6 +632,8 @@ def norm_bound(model, tokenizer, targets: Targets, config: BoundConfig | None = 
         v0 = torch.where(u.norm(dim=-1, keepdim=True) > 0, u, torch.ones_like(u))
         v, gnorm, iters, trace = _solve(sphere, v0 / v0.norm(dim=-1, keepdim=True) * spec.radius, config)
         point = torch.where(interior[:, None], u, sphere.point(v))
+        hidden = point @ basis.T if spec.kind == "layer" else point  # u in R^d
+        hidden = hidden * spec.gamma + (0.0 if spec.beta is None else spec.beta)  # h = γ ⊙ u + β
         rows = torch.arange(len(probs))
         kl, grad_u, _ = base.evaluate(point, rows)
         multiplier = -(grad_u * point).sum(-1) / spec.radius**2
@@ -639,7 +642,7 @@ def norm_bound(model, tokenizer, targets: Targets, config: BoundConfig | None = 
         outs.append({"kl": kl, "initial": free["initial"], "logprobs": base.logprobs(point).float(),
                      "steps": free["iters"] + torch.where(interior, 0, iters), "gnorm": gnorm,
                      "interior": interior, "multiplier": multiplier,
-                     "certified": converged & (interior | (multiplier >= -config.tol)),
+                     "certified": converged & (interior | (multiplier >= -config.tol)), "hidden": hidden,
                      "trace": torch.cat([free["trace"], torch.where(interior, math.nan, trace)])})
 
     def cat(key):
@@ -651,7 +654,7 @@ def norm_bound(model, tokenizer, targets: Targets, config: BoundConfig | None = 
     meta["certified"] = (cat("certified") & (head.softcap is None)).tolist()
     return Result(method="norm_bound", target_ids=targets.ids, kl=cat("kl"), initial_kl=cat("initial"),
                   logprobs=cat("logprobs"), steps=cat("steps"), trace=_pad_traces([o["trace"] for o in outs]),
-                  wall_s=time.perf_counter() - start, meta=meta)
+                  wall_s=time.perf_counter() - start, hidden=cat("hidden"), meta=meta)
 
 
 # --------------------------------------------------------------------------------------------

@@ -101,6 +101,8 @@ class Result:
         None where the text does not re-tokenise (framed) to exactly `prompt_ids`: no string
         reproduces that prompt, so none is presented as it.
     projected_kl: (T,) soft only: KL reached by the nearest-token projection of the best soft prompt.
+    hidden: (T, d_model) float64, free_bound and norm_bound only: the output layer's input h at the
+        optimum (what the final hidden state would have to be to reach `kl`).
     meta: plain values for run metadata: the config, solver tolerance, `is_bound`, notes.
     """
 
@@ -116,6 +118,7 @@ class Result:
     prompt_ids: Tensor | None = None
     prompt_text: list[str | None] | None = None
     projected_kl: Tensor | None = None
+    hidden: Tensor | None = None
     meta: dict = field(default_factory=dict)
 
     def __len__(self) -> int:

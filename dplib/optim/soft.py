@@ -63,6 +63,9 @@ class PromptVectorsConfig:
     min_rel_improvement: float = 0.0  # progress = KL below (1 − this) × the KL at the last progress, minus min_delta
     min_steps: int = 0  # no target stops early before this many Adam steps, whatever its patience
     restarts: int = 1  # R initialisations per target, run as extra rows of the same batch; the best is kept
+    # Warm start from the bound: the first warm_steps of the `steps` Adam steps minimise the relative squared
+    # distance of the final hidden state to the norm bound's optimum h* instead of the KL; 0 = off
+    warm_steps: int = 0
     init: str = "vocab"  # "vocab": embeddings of random allowed tokens; "gaussian": N(mean, std) of them
     prefix: str = "bos"  # fixed text before the prompt; "bos" = the model's BOS token (none if it has none)
     suffix: str = ""  # fixed text after the prompt (the next token is predicted after it)
@@ -94,6 +97,9 @@ class PromptVectorsConfig:
                f"min_steps={self.min_steps!r}: use an integer ≥ 0 (Adam steps before early stopping may act).")
         require(is_int(self.restarts) and self.restarts >= 1,
                f"restarts={self.restarts!r}: use an integer ≥ 1 (initialisations per target; 1 = no restarts).")
+        require(is_int(self.warm_steps) and 0 <= self.warm_steps <= self.steps,
+               f"warm_steps={self.warm_steps!r}: use an integer in [0, steps={self.steps}] (Adam steps fitting "
+               "the final hidden state to the norm bound's optimum before minimising the KL; 0 = off).")
         require(self.init in INITS, f"init={self.init!r}: use one of {INITS}.")
         require(isinstance(self.prefix, str), f"prefix={self.prefix!r}: use a string ('bos', '' or any text).")
         require(isinstance(self.suffix, str), f"suffix={self.suffix!r}: use a string ('' or any text).")
@@ -107,11 +113,13 @@ class SoftConfig(PromptVectorsConfig):
     """Every knob of `optimize_soft`, with its default. Plain values only (written to run metadata)."""
 
     project: bool = True  # also project the best prompts onto the nearest real tokens and score them
-    # Measured (benchmarks/soft_quality.py, SmolLM2, 10 vanilla targets H 0.5-10.5, L 5, 300 steps),
-    # mean gap to the free-h bound: lr 0.01 (former default) 0.82 nats, H = 7 stuck at 6.26; lr None
-    # (2.4 × embedding RMS ≈ 0.30) 0.45, H = 7 at 2.87, 1.04× the wall time; with 2 restarts 0.43 at
-    # 1.7-2.5× the wall time (two runs). Cosine decay measured worse than constant. The default keeps 1 restart so the
-    # study's notebooks stay within their time budget; restarts=2 is the better-measured choice.
+    # Measured (benchmarks/soft_quality.py, SmolLM2, 10 vanilla targets H 0.5-10.5, L 5), mean gap to the
+    # free-h bound: the former defaults (lr 0.01, 300 steps) 0.82 nats, H = 7 stuck at 6.26; lr None (2.4 ×
+    # embedding RMS ≈ 0.30) at 300 steps 0.45, H = 7 at 2.87; at 450 steps (the default) 0.38, H = 7 at
+    # 2.78, no target without improvement, 1.5× the steps (0.97× the former defaults' wall in one run, a
+    # noisy machine). 2 restarts at 300 steps: 0.43 at 1.7-2.5× the wall. Cosine decay measured worse than
+    # constant; warm_steps = 50 (hidden-state fit to the norm bound first) worse too: 0.71 at 300 steps.
+    steps: int = 450  # Adam steps; the prompt is evaluated steps + 1 times (the last one only scored)
     restarts: int = 1  # R initialisations per target, extra rows of the same batch; the best is kept
     min_steps: int = 100  # with patience > 0: no target stops before this many Adam steps
     min_rel_improvement: float = 0.001  # with patience > 0: progress = KL below (1 − this) × KL at last progress
@@ -164,9 +172,10 @@ class _Inject:
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
-def _logprobs(setup: _Setup, vectors: Tensor, placeholder: Tensor | None = None,
-              hook: _Inject | None = None) -> Tensor:
-    """(A, L, d) float32 prompt vectors → (A, vocab) float32 next-token log-probabilities.
+def _forward(setup: _Setup, vectors: Tensor, placeholder: Tensor | None = None,
+             hook: _Inject | None = None) -> tuple[Tensor, Tensor]:
+    """(A, L, d) float32 prompt vectors → the final hidden state (A, d_model) in the model's dtype and the
+    (A, vocab) float32 next-token log-probabilities.
 
     At the input (layer None) the vectors are the prompt's embeddings; with a layer hook the input
     at the prompt positions is `placeholder` and the hook swaps the vectors in after that layer.
@@ -181,7 +190,7 @@ def _logprobs(setup: _Setup, vectors: Tensor, placeholder: Tensor | None = None,
     finally:
         if hook is not None:
             hook.vectors = None
-    return torch.log_softmax(setup.head.logits(hidden), dim=-1)
+    return hidden, torch.log_softmax(setup.head.logits(hidden), dim=-1)
 
 
 def _compact(param: Tensor, opt: torch.optim.Adam, keep: Tensor) -> tuple[Tensor, torch.optim.Adam]:
@@ -202,11 +211,15 @@ def _lr_at(config, step: int) -> float:
 
 
 def _optimize_chunk(setup: _Setup, target_probs: Tensor, init: Tensor, config, bar,
-                    placeholder: Tensor | None = None, row_scale: Tensor | None = None) -> dict:
+                    placeholder: Tensor | None = None, row_scale: Tensor | None = None,
+                    warm_hidden: Tensor | None = None, callback=None) -> dict:
     """Optimise one chunk of C rows (targets, or targets × restarts). `init` (C, L, d) float32 on the device.
 
     `row_scale` (C, 1, 1): the trained parameter is vectors / row_scale, so Adam's step is relative
     to each row's scale (used at hidden layers, whose residual norms differ by layer and model).
+    `warm_hidden` (C, d_model) float32: for the first `config.warm_steps` steps the loss is each row's
+    ‖h − h*‖² / ‖h*‖² (h the final hidden state) instead of its KL; the KL is still what is tracked.
+    `callback(step, best_kl)` (see `optimize_soft`) is called after each evaluation; True stops the chunk.
     Returns best KL, best vectors, best log-probs, initial KL, steps, trace (all on CPU).
     """
     n = init.shape[0]
@@ -218,8 +231,10 @@ def _optimize_chunk(setup: _Setup, target_probs: Tensor, init: Tensor, config, b
         hook = _Inject(setup.prefix.shape[1], init.shape[1])
         handle = lm.layers(setup.model)[setup.layer].register_forward_hook(hook)
     try:
+        # no early stop during the warm phase: the KL is not what it minimises
         tracker = BestTracker(n, config.patience, config.min_delta, device=device,
-                              min_rel_improvement=config.min_rel_improvement, min_steps=config.min_steps)
+                              min_rel_improvement=config.min_rel_improvement,
+                              min_steps=max(config.min_steps, config.warm_steps))
         best_vectors = init.clone()
         best_logprobs = torch.empty(n, setup.head.weight.shape[0], device=device)
         trace = torch.full((config.steps + 1, n), math.nan, device=device)
@@ -230,8 +245,13 @@ def _optimize_chunk(setup: _Setup, target_probs: Tensor, init: Tensor, config, b
             last = step == config.steps
             with torch.set_grad_enabled(not last):
                 vectors = param * scale[rows]
-                model_logprobs = _logprobs(setup, vectors, None if placeholder is None else placeholder[rows], hook)
+                hidden, model_logprobs = _forward(setup, vectors, None if placeholder is None else placeholder[rows],
+                                                  hook)
                 kl = kl_from_logprobs(target_probs[rows], model_logprobs)
+                loss = kl
+                if warm_hidden is not None and step < config.warm_steps:
+                    h_star = warm_hidden[rows]
+                    loss = (hidden.float() - h_star).pow(2).sum(-1) / h_star.pow(2).sum(-1).clamp_min(1e-12)
             full = torch.full((n,), math.inf, device=device)
             full[rows] = kl.detach()
             improved = tracker.update(full, step)[rows]
@@ -240,18 +260,21 @@ def _optimize_chunk(setup: _Setup, target_probs: Tensor, init: Tensor, config, b
                 best_vectors[rows[improved]] = vectors.detach()[improved]
                 best_logprobs[rows[improved]] = model_logprobs.detach()[improved]
             bar.update(1)
-            if last or tracker.done:
+            # best_kl for the callback: each target's best over its restarts (rows t·R + r), averaged
+            stop = callback is not None and bool(callback(
+                step, float(tracker.best.reshape(-1, config.restarts).min(dim=1).values.mean())))
+            if last or tracker.done or stop:
                 break
             for group in opt.param_groups:
                 group["lr"] = _lr_at(config, step)
-            kl.sum().backward()  # rows are independent: the sum's gradient is each row's own gradient
+            loss.sum().backward()  # rows are independent: the sum's gradient is each row's own gradient
             opt.step()
             opt.zero_grad(set_to_none=True)
             keep = tracker.active[rows]
             if not bool(keep.all()):
                 param, opt = _compact(param, opt, keep)
                 rows = rows[keep]
-        if tracker.done:
+        if tracker.done or stop:  # stopped early: end the bar complete, not in tqdm's error colour
             bar.update(config.steps - step)
     finally:
         if handle is not None:
@@ -308,7 +331,7 @@ def _init_vectors(model, tokenizer, target_ids: list[str], config) -> tuple[Tens
 
 
 def run_vectors(model, tokenizer, targets: Targets, config, *, method: str, layer: int | None = None,
-                progress: bool = True) -> tuple[dict, _Setup, Tensor, float]:
+                progress: bool = True, callback=None) -> tuple[dict, _Setup, Tensor, float]:
     """The shared loop of `optimize_soft` and `bound.layer_bound`, chunk by chunk.
 
     With R = config.restarts, each target's R initialisations run as R rows of the batch (rows never
@@ -322,6 +345,7 @@ def run_vectors(model, tokenizer, targets: Targets, config, *, method: str, laye
     outputs are per target: kl, vectors, logprobs of the kept restart; initial_kl and trace the
     per-step minimum over restarts (so trace[0] = initial_kl and kl = the trace's minimum; NaN once
     every restart stopped); steps the most steps any restart ran; restart (T,) the kept restart.
+    `callback`: as in `optimize_soft`.
     """
     targets.check_width(model)  # before any compute
     frame = lm.prompt_frame(model, tokenizer, config.prefix, config.suffix)
@@ -331,12 +355,20 @@ def run_vectors(model, tokenizer, targets: Targets, config, *, method: str, laye
     setup = _setup(model, frame, layer)
     init, init_ids = _init_vectors(model, tokenizer, targets.ids, config)
     n, reps = len(targets), config.restarts
+    warm = _warm_hidden(model, tokenizer, targets) if config.warm_steps else None  # (T, d) float32, CPU
     chunk = max(1, config.max_batch // reps) if config.max_batch else n  # targets per chunk
     rms = None
     if config.lr is None:  # Adam on vectors / rms with lr LR_PER_EMBEDDING_RMS: steps scale with the embeddings
         rms = embedding_rms(model, tokenizer)
         config = dataclasses.replace(config, lr=LR_PER_EMBEDDING_RMS)
     parts = []
+    stopped = False
+
+    def chunk_callback(step: int, best_kl: float) -> bool:  # once stopped, later chunks only score their init
+        nonlocal stopped
+        stopped = stopped or bool(callback(step, best_kl))
+        return stopped
+
     bar = tqdm(total=(config.steps + 1) * math.ceil(n / chunk), desc=method, disable=not progress, leave=False)
     try:
         for lo in range(0, n, chunk):
@@ -351,7 +383,9 @@ def run_vectors(model, tokenizer, targets: Targets, config, *, method: str, laye
                 placeholder = vectors.to(setup.dtype)
                 vectors = _residual_after(setup, placeholder)
                 scale = vectors.pow(2).mean(dim=(1, 2), keepdim=True).sqrt().clamp_min(1e-6)
-            parts.append(_optimize_chunk(setup, probs, vectors, config, bar, placeholder, scale))
+            warm_rows = None if warm is None else warm[sl].to(setup.device).repeat_interleave(reps, dim=0)
+            parts.append(_optimize_chunk(setup, probs, vectors, config, bar, placeholder, scale, warm_rows,
+                                         chunk_callback if callback is not None else None))
     finally:
         bar.close()
     merged = {k: torch.cat([p[k] for p in parts], dim=1 if k == "trace" else 0) for k in parts[0]}
@@ -360,6 +394,14 @@ def run_vectors(model, tokenizer, targets: Targets, config, *, method: str, laye
     merged["lr"] = config.lr * (rms or 1.0)
     kept = torch.arange(n) * reps + merged["restart"]
     return merged, setup, init_ids[kept], start
+
+
+def _warm_hidden(model, tokenizer, targets: Targets) -> Tensor:
+    """(T, d_model) float32: the final hidden state at each target's norm-bound optimum (what the final
+    norm can output that comes closest to the target), the aim of the warm phase (`warm_steps`)."""
+    from .bound import norm_bound  # bound builds on this module: imported here, where it is used
+
+    return norm_bound(model, tokenizer, targets, progress=False).hidden.float()
 
 
 def _best_restart(rows: dict, n: int, reps: int) -> dict:
@@ -449,7 +491,7 @@ def _project(setup: _Setup, tokenizer, targets: Targets, vectors: Tensor, config
         for lo in range(0, len(ids), chunk):
             sl = slice(lo, lo + chunk)
             hard = embed(setup.model, ids[sl].to(setup.device)).float()
-            lp = _logprobs(setup, hard)
+            _, lp = _forward(setup, hard)
             kls.append(kl_from_logprobs(targets.probs[sl].to(setup.device), lp).cpu())
     exact, texts = setup.frame.text_reproduces(ids.tolist())
     return ids, [t if ok else None for t, ok in zip(texts, exact, strict=True)], torch.cat(kls)
@@ -461,7 +503,7 @@ def _project(setup: _Setup, tokenizer, targets: Targets, vectors: Tensor, config
 
 
 def optimize_soft(model, tokenizer, targets: Targets, config: SoftConfig | None = None, *,
-                  progress: bool = True) -> Result:
+                  progress: bool = True, callback=None) -> Result:
     """Find, for each of T targets, L soft input vectors whose next-token distribution is closest.
 
     Args:
@@ -469,6 +511,11 @@ def optimize_soft(model, tokenizer, targets: Targets, config: SoftConfig | None 
         targets: T targets over the model's logits width (checked before any compute).
         config: `SoftConfig` (defaults if None).
         progress: show a tqdm bar.
+        callback: None, or `callback(step, best_kl) -> bool`, called after every evaluation with
+            `step` the Adam steps taken so far (0 = the initial prompts; counted per chunk of
+            `max_batch` targets) and `best_kl` the mean over the chunk's targets of each target's best
+            KL so far (nats). Returning True stops the run: the best prompts so far are returned
+            (later chunks only score their initial prompts), as after early stopping.
 
     Returns:
         Result with method "soft": kl (T,) best KL in nats over all restarts, initial_kl (T,) the
@@ -485,7 +532,8 @@ def optimize_soft(model, tokenizer, targets: Targets, config: SoftConfig | None 
     config = SoftConfig() if config is None else config
     if not isinstance(config, SoftConfig):
         raise TypeError(f"config must be a SoftConfig, got {type(config).__name__}.")
-    out, setup, init_ids, start = run_vectors(model, tokenizer, targets, config, method="soft", progress=progress)
+    out, setup, init_ids, start = run_vectors(model, tokenizer, targets, config, method="soft", progress=progress,
+                                              callback=callback)
     ids = text = projected = None
     if config.project:
         ids, text, projected = _project(setup, tokenizer, targets, out["vectors"], config)
