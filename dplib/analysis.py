@@ -498,3 +498,33 @@ def target_group(df: pd.DataFrame, columns: Mapping[str, str] | None = None) -> 
                 parts.append(f"{columns[name]}={v:g}" if isinstance(v, int | float | np.number) else f"{columns[name]}={v}")
         labels.append(" ".join(parts))
     return pd.Series(labels, index=df.index, name="group")
+
+
+def projection_note(result, index: int = 0) -> str:
+    """What a soft prompt's nearest-token projection is, in words, for target `index` of `result`.
+
+    The projection replaces each of the L soft vectors by the allowed token whose embedding is
+    nearest (L2); the KL it reaches is usually far above the vectors' own. When the projected tokens
+    are the prompt's initial tokens (meta "init_ids"), the note says so: each vector stayed nearer its
+    starting token than any other, so the projection reaches the initial KL — not a failure of the
+    optimiser, whose result is the vectors themselves.
+    """
+    if result.method != "soft" or result.prompt_ids is None or result.projected_kl is None:
+        raise ValueError(f"projection_note needs a soft Result with its projection (SoftConfig(project=True)); "
+                         f"got method {result.method!r}"
+                         f"{' without a projection' if result.method == 'soft' else ''}.")
+    ids = result.prompt_ids[index].tolist()
+    text = result.prompt_text[index] if result.prompt_text is not None else None
+    shown = repr(text) if text is not None else "(no text re-tokenises to exactly these ids)"
+    soft_kl, projected_kl = float(result.kl[index]), float(result.projected_kl[index])
+    note = (f"The soft prompt is {len(ids)} free vectors, not tokens. Its projection replaces each vector by "
+            f"the nearest real token (L2 in the embedding space): ids {ids}, text {shown}. The vectors reach "
+            f"KL {soft_kl:.4f} nats; the projected tokens {projected_kl:.4f} nats.")
+    init = result.meta.get("init_ids")
+    if init is not None and list(init[index]) == ids:
+        # the kept restart's initial tokens: its initial KL is the projected KL (result.initial_kl is the
+        # lowest over restarts, which may be another restart's)
+        note += (" These are the prompt's initial tokens, so the projection reaches the initial prompt's KL: "
+                 "each vector ended nearer its starting token than any other token, and rounding to tokens "
+                 "undoes the optimisation. The soft prompt's result is the vectors' KL.")
+    return note

@@ -202,3 +202,28 @@ def test_with_bound_gap_matches_each_target_to_its_free_bound_row():
     gap = out["gap_to_free_bound_nats"].tolist()
     assert gap[:5] == [0.75, 1.5, 0.0, 0.0, 2.75] and gap[6:] == [1.0, 0.0]  # per model and target
     assert math.isnan(gap[5])  # target c has no bound row
+
+
+# ---- the soft prompt's projection, in words --------------------------------------------------------
+
+
+def test_projection_note_explains_and_flags_a_projection_equal_to_the_initial_tokens():
+    import torch
+
+    from dplib.optim.common import Result
+
+    def soft(prompt_ids, init_ids, text):
+        return Result(method="soft", target_ids=["t"], kl=torch.tensor([0.25]), initial_kl=torch.tensor([4.0]),
+                      logprobs=torch.zeros(1, 4), steps=torch.tensor([10]), trace=torch.zeros(11, 1), wall_s=1.0,
+                      prompt_ids=torch.tensor([prompt_ids]), prompt_text=[text], projected_kl=torch.tensor([3.5]),
+                      meta={"init_ids": [init_ids]})
+
+    moved = analysis.projection_note(soft([5, 6], [7, 8], "ab"))
+    assert "nearest real token" in moved and "ids [5, 6], text 'ab'" in moved
+    assert "0.2500" in moved and "3.5000" in moved and "initial tokens" not in moved
+    same = analysis.projection_note(soft([7, 8], [7, 8], None))
+    assert "initial tokens" in same and "no text re-tokenises" in same
+    hard = soft([7, 8], [7, 8], None)
+    hard.method = "hard"
+    with pytest.raises(ValueError, match="soft Result"):
+        analysis.projection_note(hard)

@@ -125,3 +125,71 @@ def test_wrong_config_type_is_rejected(name, tiny, reachable):
     other = next(cls for n, cls in CONFIGS.items() if cls is not CONFIGS[name])
     with pytest.raises(TypeError):
         METHODS[name](model, tok, reachable, other(), progress=False)
+
+
+# ---- stopping from outside: the `callback` keyword of the prompt optimisers ----------------------
+
+
+@pytest.mark.parametrize("name", ["soft", "hard"])
+def test_callback_stops_the_run_keeping_the_best_prompt_so_far(name, tiny, reachable):
+    """callback(step, best_kl) is called once per step; True stops the run. The result is the best
+    prompt so far, and its reported KL is what that prompt reaches through the model's own forward."""
+    from dplib.lm import kl_from_logprobs
+
+    model, tok = tiny
+    config = fast_config(name, steps=50, **({"project": False} if name == "soft" else {}))
+    calls = []
+
+    def stop_at_third(step, best_kl):
+        calls.append((step, best_kl))
+        return len(calls) == 3
+
+    result = METHODS[name](model, tok, reachable, config, progress=False, callback=stop_at_third)
+    assert len(calls) == 3 and [s for s, _ in calls] == ([0, 1, 2] if name == "soft" else [1, 2, 3])
+    assert all(isinstance(b, float) for _, b in calls)
+    assert [b for _, b in calls] == sorted((b for _, b in calls), reverse=True)  # a best so far never rises
+    assert calls[-1][1] == pytest.approx(float(result.kl.mean()), abs=1e-5)
+    assert int(result.steps.max()) <= 3 < config.steps
+    bos = torch.full((len(reachable), 1), tok.bos_token_id)
+    with torch.no_grad():
+        if name == "soft":
+            embeds = torch.cat([model.get_input_embeddings()(bos).float(), result.prompt_embeds], 1)
+            logits = model(inputs_embeds=embeds).logits
+        else:
+            logits = model(torch.cat([bos, result.prompt_ids], 1)).logits
+    own = kl_from_logprobs(reachable.probs, logits[:, -1].float().log_softmax(-1))
+    torch.testing.assert_close(result.kl, own, atol=1e-4, rtol=1e-4)
+    short = dataclasses.replace(config, steps=5)
+    full = METHODS[name](model, tok, reachable, short, progress=False, callback=lambda step, kl: False)
+    torch.testing.assert_close(full.trace, METHODS[name](model, tok, reachable, short, progress=False).trace)
+
+
+def test_soft_callback_stop_covers_every_chunk(tiny, reachable):
+    """Stopped in the first chunk of targets, later chunks only score their initial prompts."""
+    model, tok = tiny
+    config = fast_config("soft", steps=20, max_batch=1, project=False)
+    result = METHODS["soft"](model, tok, reachable, config, progress=False, callback=lambda step, kl: step == 2)
+    assert result.steps.tolist() == [3, 1] and torch.isfinite(result.kl).all()
+    torch.testing.assert_close(result.kl[1], result.initial_kl[1])
+
+
+@pytest.mark.parametrize("name", ["soft", "hard"])
+def test_progress_bar_ends_complete_when_stopped_early(name, tiny, reachable, monkeypatch):
+    """A bar closed short of its total is drawn in tqdm's error colour in a notebook; an early stop is no error."""
+    import importlib
+    import io
+
+    from tqdm import tqdm as base
+
+    bars = []
+
+    class Recording(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "file": io.StringIO()})
+            bars.append(self)
+
+    monkeypatch.setattr(importlib.import_module(f"dplib.optim.{name}"), "tqdm", Recording)
+    extra = {"project": False} if name == "soft" else {}
+    METHODS[name](*tiny, reachable, fast_config(name, steps=40, **extra), progress=True,
+                  callback=lambda step, kl: step == 2)
+    assert bars and all(bar.n == bar.total for bar in bars)

@@ -168,3 +168,84 @@ def test_stacked_gaps_stacks_levels_in_order():
     assert [round(b.get_y(), 6) for b in bars] == [0.0, 0.0, 0.1, 0.2]
     assert visible[1].get_legend_handles_labels()[1] == ["free_bound", "soft"]
     plt.close(fig)
+
+
+# ---- one colour per method, readable titles and tables (issue 19) ------------------------------
+
+
+def _rgb(color):
+    import matplotlib.colors as mcolors
+
+    return mcolors.to_hex(color)
+
+
+def _top(sources=("target", "soft", "hard"), probs=(0.6, 0.5, 0.3, 0.3, 0.2, 1e-5)):
+    rows = []
+    for tid in ("vanilla-temperature-s0-0",):
+        for (rank, token), chunk in zip(enumerate(["␣the", "cat"]), (probs[:3], probs[3:]), strict=True):
+            for source, p in zip(sources, chunk, strict=True):
+                rows.append({"target_id": tid, "rank": rank, "token_id": rank, "token": token, "source": source,
+                             "prob": p})
+    return pd.DataFrame(rows)
+
+
+def test_palette_gives_each_method_one_colour_whatever_else_is_drawn():
+    one = plotting.palette(["hard", "soft"])
+    two = plotting.palette(["group a", "soft", "free_bound", "hard"])
+    assert one["soft"] == two["soft"] == plotting.METHOD_COLORS["soft"]
+    assert one["hard"] == two["hard"] and two["free_bound"] == plotting.METHOD_COLORS["free_bound"]
+    assert two["group a"] not in plotting.METHOD_COLORS.values()
+    assert list(plotting.palette([3, 10])) == [3, 10]  # keys keep their type (seaborn looks them up as is)
+
+
+def test_figures_draw_a_method_in_its_colour(sweep):
+    soft = plotting.METHOD_COLORS["soft"]
+    fig = plotting.kl_vs_entropy(sweep[sweep["method"] != "hard"], bins=3)
+    lines = {line.get_label(): _rgb(line.get_color()) for line in fig.axes[0].get_lines()}
+    assert lines["soft (bin mean)"] == soft
+    plt.close(fig)
+    fig = plotting.kl_vs_entropy_groups(sweep, hue="method", bins=3)
+    lines = {line.get_label(): _rgb(line.get_color()) for line in fig.axes[0].get_lines()}
+    assert lines["soft"] == soft and lines["hard"] == plotting.METHOD_COLORS["hard"]
+    plt.close(fig)
+    fig = plotting.distributions(_top(sources=("target", "hard", "soft")))
+    bars = fig.axes[0].containers  # one container per source, in hue order
+    assert [_rgb(c.patches[0].get_facecolor()) for c in bars] == [plotting.METHOD_COLORS[s]
+                                                                   for s in ("target", "hard", "soft")]
+    plt.close(fig)
+    fig = plotting.kl_by(sweep.assign(L=np.where(sweep.index % 2 == 0, 3, 10)), x="L", hue="method")
+    assert fig.axes  # integer x with a method hue: the palette's keys match the values
+    plt.close(fig)
+
+
+def test_distributions_titles_a_panel_with_kind_entropy_and_kl_per_method():
+    table = pd.DataFrame({"target_id": ["vanilla-temperature-s0-0"] * 2, "method": ["soft", "free_bound"],
+                          "kind": "vanilla", "entropy_nats": 3.0, "kl_nats": [0.12345, 0.01]})
+    fig = plotting.distributions(_top(), table=table)
+    title = fig.axes[0].get_title()
+    assert title == "vanilla target, H = 3.00 nats\nKL (nats): soft 0.1235 · free_bound 0.0100"
+    assert "s0-0" not in title
+    plt.close(fig)
+    row = {"kind": "outlier", "k": 3, "mass": 0.7, "entropy_nats": 2.0}
+    assert plotting.target_title(row) == "outlier target (k = 3, m = 0.70), H = 2.00 nats"
+
+
+def test_distributions_log_axis_on_request_or_when_probabilities_span_orders():
+    for log_y, probs, expected in ((False, None, "linear"), (True, None, "log"), ("auto", None, "log"),
+                                   ("auto", (0.6, 0.5, 0.3, 0.3, 0.2, 0.1), "linear")):
+        fig = plotting.distributions(_top(**({"probs": probs} if probs else {})), log_y=log_y)
+        assert fig.axes[0].get_yscale() == expected
+        if expected == "log":
+            assert fig.axes[0].get_ylim()[0] == pytest.approx(5e-6)  # half the smallest bar: every bar visible
+        plt.close(fig)
+    with pytest.raises(ValueError, match="auto"):
+        plotting.distributions(_top(), log_y="yes")
+
+
+def test_readable_fixed_decimals_never_scientific():
+    df = pd.DataFrame({"method": ["soft"], "kl_nats": [0.000012345], "top10_recall": [1e-4], "tv": [0.5],
+                       "wall_s": [12.345], "steps": [300]})
+    html = plotting.readable(df).to_html()
+    assert "0.0000" in html and "0.0001" in html and "0.5000" in html and "12.3" in html and ">300<" in html
+    assert "e-" not in html.replace("style", "")
+    assert plotting.readable(df).data is df

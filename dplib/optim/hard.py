@@ -475,12 +475,15 @@ class HardSearch:
 
 
 def optimize_hard(model, tokenizer, targets: Targets, config: HardConfig | None = None, *,
-                  progress: bool = True) -> Result:
+                  progress: bool = True, callback=None) -> Result:
     """Find L real tokens per target minimising KL(target ‖ model's next-token distribution).
 
     model, tokenizer: a frozen causal LM (float32 on CPU; bf16 works on CUDA, losses stay float32).
     targets: T targets over the model's logits width (checked before any compute).
     config: HardConfig (default HardConfig()).
+    callback: None, or `callback(step, best_kl) -> bool`, called after every search step with `step`
+    the steps done (1, 2, ...) and `best_kl` the mean over targets of each one's best KL so far
+    (nats); returning True stops the search, which returns the best prompts so far.
     Returns a Result with method "hard": prompt_ids (T, L) best tokens, prompt_text (T decoded
     prompts; with the filter on, each re-tokenises to its ids), kl (T,) best KL in nats,
     initial_kl (T,), logprobs (T, vocab) at the best prompt, steps (T,), trace (n_steps, T) current
@@ -498,4 +501,7 @@ def optimize_hard(model, tokenizer, targets: Targets, config: HardConfig | None 
             bar.update(1)
             bar.set_postfix(kl=f"{float(search.current_kl.mean()):.4f}",
                             active=int(search.tracker.active.sum()))
+            if callback is not None and callback(search.n_steps, float(search.current_kl.mean())):
+                break
+        bar.update(bar.total - bar.n)  # stopped early: end the bar complete, not in tqdm's error colour
     return search.result()
