@@ -36,7 +36,7 @@ reproduce-smoke: $(STAMP)
 	$(BIN)/python -m dplib reproduce --smoke
 
 lint: $(STAMP)
-	$(BIN)/ruff check dplib tests benchmarks
+	$(BIN)/ruff check dplib tests benchmarks scripts
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import os
+import re
 import time
 import tokenize
 from collections.abc import Mapping, Sequence
@@ -189,6 +190,11 @@ def execute(path: str | os.PathLike, *, results_dir: str | os.PathLike = "result
         run.finish("success", **fields)
     else:
         run.update(**fields)
+    if status == "success" and not smoke and not parameters:  # default parameters: the header's claim
+        stale = runtime_check(path, wall)
+        if stale:
+            log.warning("%s", stale)
+            run.update(runtime_warning=stale)
     outcome = NotebookRun(name, status, run_dir, executed if executed.exists() else None, html_path,
                           wall, error, cell_index, exec_count)
     (log.info if status == "success" else log.error)("%s", outcome.describe())
@@ -305,6 +311,8 @@ def write_index(results_dir: str | os.PathLike = "results") -> Path:
                 f"{' (dirty)' if (meta.get('git') or {}).get('dirty') else ''} — {' · '.join(links)}</p>")
             if meta.get("error"):
                 parts.append(f"<p class='failed'>cell {meta.get('failed_cell')}: {html.escape(meta['error'])}</p>")
+            if meta.get("runtime_warning"):
+                parts.append(f"<p class='running'>{html.escape(meta['runtime_warning'])}</p>")
             for fig in run.figures():
                 frel = fig.relative_to(root).as_posix()
                 parts.append(f"<a href='{frel}'><img src='{frel}' alt='{html.escape(fig.stem)}'></a>")
@@ -325,23 +333,53 @@ def _code_without_magics(src: str) -> str:
     return "\n".join("" if line.lstrip().startswith(("%", "!")) else line for line in src.splitlines())
 
 
+# The header's runtime sentence: "**Runtime** at default parameters: about 10 minutes ...".
+_RUNTIME = re.compile(r"\*\*Runtime\*\* at default parameters: about (\d+(?:\.\d+)?) (minutes?|seconds?)")
+RUNTIME_TOLERANCE = 2.0  # a full run outside [stated / 2, stated × 2] is reported: the header is no longer true
+
+
+def stated_runtime_s(path: str | os.PathLike) -> float | None:
+    """The runtime at default parameters the notebook's header states, in seconds (None if it states none)."""
+    cells = _read(path).get("cells", [])
+    match = _RUNTIME.search(_source(cells[0])) if cells else None
+    if match is None:
+        return None
+    return float(match.group(1)) * (60.0 if match.group(2).startswith("minute") else 1.0)
+
+
+def runtime_check(path: str | os.PathLike, wall_s: float) -> str | None:
+    """None when a run at default parameters took about what the header states; else what to fix."""
+    stated = stated_runtime_s(path)
+    if stated is None or stated / RUNTIME_TOLERANCE <= wall_s <= stated * RUNTIME_TOLERANCE:
+        return None
+    return (f"{Path(path).name}: its header states about {stated:.0f} s at default parameters, but this run took "
+            f"{wall_s:.0f} s; update the header's **Runtime** sentence")
+
+
 def notebook_problems(path: str | os.PathLike) -> list[str]:
     """What breaks the committed-notebook contract; [] when the notebook is clean.
 
-    Checked: nbformat 4; outputs stripped and execution counts null; the first cell is markdown and
-    states the runtime; exactly one `parameters` cell, of literal assignments with a trailing
-    comment each; smoke parameters in the metadata, each declared in the parameters cell; no
-    function, class or lambda definitions anywhere.
+    Checked: nbformat 4.5 or later with a unique id on every cell (JupyterLab adds missing ids on
+    opening, which marks an untouched notebook modified); outputs stripped and execution counts
+    null; the first cell is markdown and states the runtime in the parseable form `stated_runtime_s`
+    reads; exactly one `parameters` cell, of literal assignments with a trailing comment each; smoke
+    parameters in the metadata, each declared in the parameters cell; no function, class or lambda
+    definitions anywhere.
     """
     nb = _read(path)
     problems = []
-    if nb.get("nbformat") != 4:
-        problems.append(f"nbformat is {nb.get('nbformat')}, expected 4")
+    if nb.get("nbformat") != 4 or nb.get("nbformat_minor", 0) < 5:
+        problems.append(f"nbformat is {nb.get('nbformat')}.{nb.get('nbformat_minor')}, expected 4.5 or later "
+                        "(cell ids); re-save it with nbformat ≥ 5.1 or JupyterLab")
     cells = nb.get("cells", [])
+    ids = [c.get("id") for c in cells]
+    if None in ids or len(set(ids)) != len(ids):
+        problems.append("every cell needs a unique id (nbformat 4.5)")
     if not cells or cells[0]["cell_type"] != "markdown":
         problems.append("the first cell must be a markdown header (question, what it writes, runtime)")
-    elif "runtime" not in _source(cells[0]).lower():
-        problems.append("the markdown header does not state the runtime at default parameters")
+    elif stated_runtime_s(path) is None:
+        problems.append("the markdown header does not state the runtime at default parameters as "
+                        "'**Runtime** at default parameters: about N minutes'")
     tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     if len(tagged) != 1:
         problems.append(f"expected exactly one cell tagged 'parameters', found {len(tagged)}")

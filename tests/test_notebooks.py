@@ -69,6 +69,28 @@ def test_notebook_problems_finds_every_breach(tmp_path):
         assert expected in problems, expected
 
 
+def test_notebook_problems_wants_cell_ids_and_a_parseable_runtime(tmp_path):
+    path = _write_nb(tmp_path / "old.ipynb", [new_markdown_cell("# T\nIt takes a while."),
+                                              _params_cell("x = 1  # x")])
+    nb = nbformat.read(path, as_version=4)
+    nb.nbformat_minor = 4
+    for cell in nb.cells:
+        del cell["id"]
+    nbformat.write(nb, path, version=nbformat.NO_CONVERT)
+    problems = "\n".join(notebooks.notebook_problems(path))
+    assert "expected 4.5" in problems and "unique id" in problems and "**Runtime** at default" in problems
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_notebook_states_a_runtime_that_reproduce_checks(path):
+    stated = notebooks.stated_runtime_s(path)
+    assert stated is not None and stated > 0
+    assert notebooks.runtime_check(path, stated) is None
+    assert notebooks.runtime_check(path, stated * 1.9) is None
+    assert "update the header" in notebooks.runtime_check(path, stated * 2.5)
+    assert "update the header" in notebooks.runtime_check(path, stated / 2.5)
+
+
 # ---- reproduce: parameters, failure report, index ------------------------------------------
 
 
