@@ -13,7 +13,7 @@ from .models import (
     resolve_dtype,
     tiny_model,
 )
-from .seeds import derive_seed, seed_everything
+from .seeds import derive_seed
 from .targets import TargetError, Targets, logits_width
 
 __version__ = "0.1.0"
@@ -30,6 +30,6 @@ def __getattr__(name: str):
 
 __all__ = [
     "ModelLoadError", "TargetError", "Targets", "derive_seed", "list_models", "load_model",
-    "lm", "logits_width", "metrics", "optim", "resolve_device", "resolve_dtype", "seed_everything", "targets",
+    "lm", "logits_width", "metrics", "optim", "resolve_device", "resolve_dtype", "targets",
     "tiny_model",
 ]

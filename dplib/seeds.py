@@ -2,14 +2,14 @@
 
 `derive_seed(base, "target-id", "soft")` hashes its parts, so the seed of a sweep cell depends on
 (base seed, target id, method) only: sub-setting or reordering a sweep changes no result.
+`generator(seed)` gives the `torch.Generator` that a sampler or optimiser draws from explicitly;
+dplib leaves the global random state as it finds it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import random
 
-import numpy as np
 import torch
 
 
@@ -17,18 +17,6 @@ def derive_seed(base: int, *parts: object) -> int:
     """A 63-bit seed that is a pure function of `base` and the string forms of `parts`."""
     text = "\x1f".join([str(int(base)), *map(str, parts)])
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
-
-
-def seed_everything(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
-    """Seed Python, NumPy and torch globally, and return a `torch.Generator` seeded with `seed`.
-
-    Library code draws from the returned generator explicitly; the global seeding only covers
-    third-party code that uses the global state.
-    """
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    return generator(seed, device)
 
 
 def generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:

@@ -1,4 +1,4 @@
-"""Target builders shared by the optimiser tests (imported as `helpers`; pytest puts tests/ on sys.path)."""
+"""Helpers shared by the tests: target builders, a hang guard (imported as `helpers`; pytest puts tests/ on sys.path)."""
 
 from __future__ import annotations
 
@@ -23,3 +23,25 @@ def random_targets(width, n, seed=0, temperature=1.0, dtype=torch.float32) -> Ta
     g = torch.Generator().manual_seed(seed)
     probs = torch.softmax(torch.randn(n, width, generator=g, dtype=dtype) * temperature, -1)
     return Targets(probs, pd.DataFrame({"kind": ["random"] * n}))
+
+
+def in_thread(fn, timeout=60.0) -> dict:
+    """Run fn() in a daemon thread, failing the test if it is still running after `timeout` s (a hang).
+
+    Returns {"value": its result} or {"error": the exception it raised}.
+    """
+    import threading
+
+    out = {}
+
+    def target():
+        try:
+            out["value"] = fn()
+        except BaseException as err:  # noqa: BLE001 - handed to the test
+            out["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"still running after {timeout} s: it hangs"
+    return out

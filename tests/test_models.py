@@ -16,7 +16,15 @@ import pytest
 import torch
 
 from dplib import models
-from dplib.models import ModelLoadError, list_models, load_model, tiny_model
+from dplib.models import (
+    ModelLoadError,
+    cache,
+    conversion,
+    list_models,
+    load_model,
+    loading,
+    tiny_model,
+)
 from dplib.targets import logits_width
 
 # ---------------------------------------------------------------- tiny models (unit)
@@ -147,16 +155,16 @@ def test_cache_validation_rejects_incomplete_entries(tmp_path):
     entry = tmp_path / key[:32]
     entry.mkdir()
     (entry / "model.safetensors").write_bytes(b"x" * 100)
-    assert not models._entry_is_valid(entry, key)  # no manifest: half-written
-    files = {"model.safetensors": {"size": 100, "sha256": models._file_sha256(entry / "model.safetensors")}}
+    assert not conversion._entry_is_valid(entry, key)  # no manifest: half-written
+    files = {"model.safetensors": {"size": 100, "sha256": cache._file_sha256(entry / "model.safetensors")}}
     (entry / models.MANIFEST).write_text(json.dumps(
-        {"format": models._CACHE_FORMAT, "source_sha256": key, "files": files}))
-    assert models._entry_is_valid(entry, key)
-    assert not models._entry_is_valid(entry, "cd" * 32)  # another source
+        {"format": conversion._CACHE_FORMAT, "source_sha256": key, "files": files}))
+    assert conversion._entry_is_valid(entry, key)
+    assert not conversion._entry_is_valid(entry, "cd" * 32)  # another source
     (entry / "model.safetensors").write_bytes(b"x" * 99 + b"y")  # same size, different bytes
-    assert not models._entry_is_valid(entry, key)
+    assert not conversion._entry_is_valid(entry, key)
     (entry / "model.safetensors").write_bytes(b"x" * 50)  # truncated
-    assert not models._entry_is_valid(entry, key)
+    assert not conversion._entry_is_valid(entry, key)
 
 
 # ---------------------------------------------------------------- the cache is an optimisation only
@@ -234,7 +242,7 @@ def unusable_cache(request, tmp_path, monkeypatch):
         if os.access(root, os.W_OK):
             pytest.skip("chmod does not stop writes here (running as root); the regular-file case covers this")
     monkeypatch.setenv("DPLIB_CACHE", str(root))
-    monkeypatch.setattr(models, "_CACHE_WARNED", set())
+    monkeypatch.setattr(cache, "_CACHE_WARNED", set())
     return root, reason
 
 
@@ -253,7 +261,7 @@ def test_vocab_map_without_a_usable_cache_is_kept_in_memory(unusable_cache, tiny
     (_, tok), (_, tok_b) = tiny, tiny_b
     root, reason = unusable_cache
     before = _tree(root)
-    monkeypatch.setattr(targets, "_MAPS", {})
+    monkeypatch.setattr(targets.vocabulary, "_MAPS", {})
     with caplog.at_level(logging.WARNING):
         first = targets.vocab_map(tok, tok_b, source_width=384, target_vocab_size=640)
         targets.vocab_map(tok, tok_b, source_width=384, target_vocab_size=640, method="exact")
@@ -263,7 +271,7 @@ def test_vocab_map_without_a_usable_cache_is_kept_in_memory(unusable_cache, tiny
     assert _tree(root) == before  # nothing written
     # the same map as with a working cache
     monkeypatch.setenv("DPLIB_CACHE", str(tmp_path / "good"))
-    monkeypatch.setattr(targets, "_MAPS", {})
+    monkeypatch.setattr(targets.vocabulary, "_MAPS", {})
     assert torch.equal(targets.vocab_map(tok, tok_b, source_width=384, target_vocab_size=640).dest, first.dest)
     assert len(list((tmp_path / "good" / "vocab_maps").glob("*.npy"))) == 1
 
@@ -298,7 +306,7 @@ def test_valid_entry_in_a_cache_that_cannot_be_written_still_hits(tiny_gguf, tmp
     def refuse(subdir):
         raise AssertionError("a cache hit must not need a writable cache")
 
-    monkeypatch.setattr(models, "writable_cache_dir", refuse)
+    monkeypatch.setattr(conversion, "writable_cache_dir", refuse)  # the one call a load makes
     with caplog.at_level(logging.WARNING):
         model, _ = load_model(tiny_gguf, device="cpu")
     assert model.dplib_source["cache_hit"] is True and _warnings(caplog) == []
@@ -307,8 +315,8 @@ def test_valid_entry_in_a_cache_that_cannot_be_written_still_hits(tiny_gguf, tmp
 def test_entry_that_cannot_be_replaced_loads_from_a_temporary_copy(tiny_gguf, tmp_path, monkeypatch, caplog):
     """A corrupt entry that cannot be removed (e.g. read-only files in it): convert, load, drop the copy."""
     monkeypatch.setenv("DPLIB_CACHE", str(tmp_path))
-    monkeypatch.setattr(models, "_CACHE_WARNED", set())
-    entry = models._entry_dir(models._file_sha256(tiny_gguf))
+    monkeypatch.setattr(cache, "_CACHE_WARNED", set())
+    entry = conversion._entry_dir(cache._file_sha256(tiny_gguf))
     entry.mkdir(parents=True)
     (entry / models.MANIFEST).write_text("{half-written")
     real_rmtree, real_rename = shutil.rmtree, os.rename
@@ -334,7 +342,7 @@ def test_entry_that_cannot_be_replaced_loads_from_a_temporary_copy(tiny_gguf, tm
 def _failing_cache_loads(monkeypatch, root: Path, failures: int):
     """Make loading from a cache entry under `root` fail `failures` times; count loads and conversions."""
     calls = {"loads": 0, "conversions": 0}
-    real_load, real_convert = models._from_pretrained, models._convert_gguf
+    real_load, real_convert = loading._from_pretrained, conversion._convert_gguf
 
     def from_pretrained(directory, *args):
         if Path(directory).is_relative_to(root):
@@ -347,8 +355,8 @@ def _failing_cache_loads(monkeypatch, root: Path, failures: int):
         calls["conversions"] += 1
         return real_convert(gguf, out)
 
-    monkeypatch.setattr(models, "_from_pretrained", from_pretrained)
-    monkeypatch.setattr(models, "_convert_gguf", convert)
+    monkeypatch.setattr(loading, "_from_pretrained", from_pretrained)  # patched where it is called
+    monkeypatch.setattr(conversion, "_convert_gguf", convert)
     return calls
 
 
@@ -357,7 +365,7 @@ def test_cache_entry_that_keeps_failing_is_rebuilt_once_then_named(tiny_gguf, tm
     calls = _failing_cache_loads(monkeypatch, tmp_path, failures=10**6)
     with pytest.raises(ModelLoadError) as err:
         load_model(tiny_gguf, device="cpu")
-    entry = models._entry_dir(models._file_sha256(tiny_gguf))
+    entry = conversion._entry_dir(cache._file_sha256(tiny_gguf))
     message = str(err.value)
     assert str(entry) in message and "header too large, on purpose" in message, message
     assert "Delete it" in message and "DPLIB_CACHE" in message
@@ -412,7 +420,7 @@ def test_second_load_in_a_fresh_process_hits_the_cache(name, smollm2, gemma3):
 
 @pytest.mark.slow
 def test_local_gguf_file_shares_the_embedded_cache(smollm2):
-    gguf = models._package_dir(models.EMBEDDED["smollm2-135m"]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf = loading._package_dir(models.EMBEDDED["smollm2-135m"]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     model, _ = load_model(gguf, device="cpu")
     assert model.dplib_source["kind"] == "gguf" and model.dplib_source["cache_hit"] is True
 
@@ -422,7 +430,7 @@ def test_corrupt_cache_entry_is_rebuilt(smollm2, tmp_path, monkeypatch):
     """A flipped byte in the cached weights is detected and the entry rebuilt, never loaded."""
     source = smollm2[0].dplib_source
     monkeypatch.setenv("DPLIB_CACHE", str(tmp_path))
-    entry = models._entry_dir(source["source_sha256"])
+    entry = conversion._entry_dir(source["source_sha256"])
     shutil.copytree(source["cache_dir"], entry)
     weights = entry / "model.safetensors"
     with open(weights, "r+b") as f:
@@ -432,7 +440,7 @@ def test_corrupt_cache_entry_is_rebuilt(smollm2, tmp_path, monkeypatch):
         f.write(bytes([byte[0] ^ 0xFF]))
     model, tok = load_model("smollm2-135m", device="cpu")
     assert model.dplib_source["cache_hit"] is False
-    assert models._entry_is_valid(entry, source["source_sha256"])
+    assert conversion._entry_is_valid(entry, source["source_sha256"])
     ids = tok(PARIS_PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
         assert tok.decode(model(ids).logits[0, -1].argmax()) == " Paris"

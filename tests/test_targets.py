@@ -13,7 +13,10 @@ from hypothesis import strategies as st
 
 from dplib import targets as T
 from dplib.lm import embed, next_token_logprobs
-from dplib.targets import TargetError, Targets, logits_width
+from dplib.targets import TargetError, Targets, logits_width, vocabulary
+from dplib.targets.outlier_targets import _outlier_entropies, _outlier_entropy_range
+from dplib.targets.random_targets import _row_logits
+from dplib.targets.tokenizer_bytes import _token_bytes
 
 WIDTHS = [49_152, 262_144]  # the embedded models' vocabularies
 TOL = 1e-6  # the entropy contract, nats
@@ -110,7 +113,7 @@ def test_vanilla_whole_range_including_ends(width, method):
     assert_valid(t, width)
     assert (t.entropy - h).abs().max() <= TOL
     # the ends are exact: one-hot on argmax z, and uniform
-    z0 = T._row_logits(3, "vanilla", 0, width)
+    z0 = _row_logits(3, "vanilla", 0, width)
     assert t.probs[0].max() == 1.0 and int(t.probs[0].argmax()) == int(z0.argmax())
     assert (t.probs[-1] == t.probs[-1][0]).all()  # float32 1/V: its entropy is ln V within TOL
 
@@ -216,7 +219,7 @@ def reference_on_top(width: int, h: float, k: int, masses: np.ndarray) -> np.nda
     ent, logtop = ent[keep][::-1], logtop[keep][::-1]
     ok = np.zeros(len(masses), dtype=bool)
     for j, m in enumerate(masses):
-        lo, hi = T._outlier_entropy_range(width, k, m)
+        lo, hi = _outlier_entropy_range(width, k, m)
         if not lo - 1e-12 <= h <= hi + 1e-12 or m == 0:
             continue
         if m == 1:
@@ -243,7 +246,7 @@ def outlier_cases(draw):
     width = draw(st.sampled_from(WIDTHS))
     k = draw(st.integers(1, 20))
     m = draw(st.floats(0.01, 0.99))
-    lo, hi = T._outlier_entropies(width, k, m)  # the feasible entropies (outliers on top) for (k, m)
+    lo, hi = _outlier_entropies(width, k, m)  # the feasible entropies (outliers on top) for (k, m)
     h = [lo + draw(st.floats(0.0, 1.0)) * (hi - lo) for _ in range(draw(st.integers(1, 2)))]
     return width, k, m, h, draw(st.integers(0, 1000))
 
@@ -348,7 +351,7 @@ def test_outliers_on_top_over_a_grid():
 def test_feasible_masses_match_brute_force(width, h, k):
     grid = np.linspace(0, 1, 20001)
     entropy_ok = np.array([lo - 1e-12 <= h <= hi + 1e-12
-                           for lo, hi in (T._outlier_entropy_range(width, k, m) for m in grid)])
+                           for lo, hi in (_outlier_entropy_range(width, k, m) for m in grid)])
     ok = reference_on_top(width, h, k, grid)
     assert (ok <= entropy_ok).all() and (ok != entropy_ok).any()  # the outlier condition bites
     ranges = T.feasible_masses(width, h, k)
@@ -521,9 +524,9 @@ def test_reference_errors(tiny, contexts, match):
 @pytest.fixture
 def fresh_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DPLIB_CACHE", str(tmp_path))
-    T._MAPS.clear()
+    vocabulary._MAPS.clear()
     yield tmp_path
-    T._MAPS.clear()
+    vocabulary._MAPS.clear()
 
 
 @pytest.mark.parametrize("method", T.MAP_METHODS)
@@ -579,12 +582,12 @@ def test_map_vocab_disk_cache(tiny, tiny_b, fresh_cache, monkeypatch):
     files = list((fresh_cache / "vocab_maps").glob("*.npy"))
     assert [f.name for f in files] == [f"{built.key}.npy"]
     assert T.vocab_map(tok, tok_b, source_width=384, target_vocab_size=640) is built  # memory hit
-    T._MAPS.clear()
+    vocabulary._MAPS.clear()
 
     def no_build(*args, **kwargs):
         raise AssertionError("the disk cache was not used")
 
-    monkeypatch.setattr(T, "_build_dest", no_build)
+    monkeypatch.setattr(vocabulary, "_build_dest", no_build)
     loaded = T.vocab_map(tok, tok_b, source_width=384, target_vocab_size=640)  # disk hit
     assert torch.equal(loaded.dest, built.dest)
     with pytest.raises(AssertionError, match="not used"):  # another method or width is another key
@@ -592,7 +595,7 @@ def test_map_vocab_disk_cache(tiny, tiny_b, fresh_cache, monkeypatch):
     monkeypatch.undo()
     monkeypatch.setenv("DPLIB_CACHE", str(fresh_cache))
     files[0].write_bytes(b"garbage")  # a corrupt entry is rebuilt
-    T._MAPS.clear()
+    vocabulary._MAPS.clear()
     assert torch.equal(T.vocab_map(tok, tok_b, source_width=384, target_vocab_size=640).dest, built.dest)
     assert torch.equal(torch.from_numpy(np.load(files[0])).long(), built.dest)
 
@@ -615,7 +618,7 @@ def assert_identity(out: Targets, src: Targets):
 
 def assert_bytes_match_decode(tok):
     """The raw bytes read from the vocabulary decode (U+FFFD for partial characters) as the tokenizer does."""
-    data, _ = T._token_bytes(tok, len(tok))
+    data, _ = _token_bytes(tok, len(tok))
     texts = tok.batch_decode([[i] for i in range(len(tok))], skip_special_tokens=False,
                              clean_up_tokenization_spaces=False)
     assert all(d is not None for d in data)

@@ -14,20 +14,18 @@
   (Adam, as for soft prompts), the later layers running as usual.
 
 Solver for the first two (existing optimisers only): SciPy's Newton-CG (or `trust-krylov` /
-`trust-ncg`) with exact float64 Hessian-vector products, one independent solver per target. One joint
-solve over the sum of the separable objectives shares line searches / trust radii / CG across targets
-and converges far worse (measured: a joint Newton-CG on 4 targets was still at ‖∇‖ ≈ 3e-4 after 32
-iterations; alone, each reached 1e-7). So each target's solver runs in its own thread and `_Lockstep`
-answers all their requests together with batched float64 matmuls: per-target algorithms, batched cost.
+`trust-ncg`) with exact float64 Hessian-vector products, one independent solver per target, all run
+in lockstep by `dplib.optim.lockstep.solve` (each in its own thread, their requests answered
+together with batched float64 matmuls: per-target algorithms, batched cost).
 
 Preconditioning by restarts. Peaked targets make the Hessian s²·Wᵀ(diag q − q qᵀ)W very ill-conditioned,
 and plain Newton-CG then spends ~35 CG products per Newton iteration (measured on SmolLM2: 1,393
 products for one target of entropy 0.5). SciPy's Newton-CG takes no preconditioner, so each target's
 solver is restarted every `REFRESH` Newton iterations in new variables x, h = h_r + M_r x, where
-M_rᵀ Ĥ M_r = I for a cheap approximation Ĥ of the Hessian at h_r: exact over the `PRECOND_TOKENS`
-most probable tokens, the rest of the vocabulary's mass times the covariance of W's rows (the Hessian
-at the uniform distribution). Restarting loses nothing (Newton-CG keeps no state between iterations);
-f and ∇f stay exact, only the coordinates change. Far from the optimum a Newton-CG step from a start
+M_rᵀ Ĥ M_r = I for a cheap approximation Ĥ of the Hessian at h_r (in `bound_objective`): exact over
+the `PRECOND_TOKENS` most probable tokens, the rest of the vocabulary's mass times the covariance of
+W's rows (the Hessian at the uniform distribution). Restarting loses nothing (Newton-CG keeps no
+state between iterations); f and ∇f stay exact, only the coordinates change. Far from the optimum a Newton-CG step from a start
 point's preconditioner can land where the next needs a thousand products, so the first restart is
 `GLOBAL_ITERS` iterations of SciPy's trust-krylov, whose trust region keeps early steps sane.
 Measured with benchmarks/soft_step.py's 64 SmolLM2 targets: 4,117 batched requests and 207 s with
@@ -48,29 +46,25 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import threading
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from scipy.optimize import minimize
 from torch import Tensor
 
 from .. import lm
 from ..lm import output_layer
 from ..targets import Targets
+from .bound_objective import _gram, _least_squares_start, _Objective, _row_covariance, _Sphere
 from .common import Result, is_int, require
+from .lockstep import SOLVERS, solve
 from .soft import PromptVectorsConfig, run_vectors
 
 log = logging.getLogger(__name__)
 
-SOLVERS = ("Newton-CG", "trust-krylov", "trust-ncg")
 # The restart schedule (module docstring); measured on 64 SmolLM2 targets, entropies 0.5-10 nats.
 GLOBAL_ITERS = 8  # trust-krylov iterations of the first restart (5-12 measured alike)
 REFRESH = 5  # Newton iterations between preconditioner refreshes after that (3 and 5 measured alike)
-PRECOND_TOKENS = 2048  # tokens whose Hessian terms the preconditioner keeps exactly (512-8192 alike)
-TAIL_FLOOR = 1e-3  # least vocabulary-tail mass the preconditioner assumes, so it never trusts a flat direction
 
 
 @dataclass(frozen=True)
@@ -111,387 +105,14 @@ class LayerBoundConfig(PromptVectorsConfig):
                f"layer={self.layer!r}: use an integer layer index (0-based, negative from the end) or None.")
 
 
-# --------------------------------------------------------------------------------------------
-# The objective: batched KL(p ‖ softmax(z(h))) with gradient and Hessian-vector products.
-# --------------------------------------------------------------------------------------------
-
-
-class _Objective:
-    """f_t(h_t) = KL(p_t ‖ softmax(s·(h_t Wᵀ + b))), soft-capped if `softcap`; rows are independent.
-
-    `evaluate(h, rows)` takes h (A, k) float64 for the rows `rows` of the target batch P (T, vocab)
-    and returns (KL (A,), gradient (A, k), cache); `hvp(v, cache)` gives Hessian-vector products
-    at the cached points and `preconditioner(cache)` the restart coordinates there (see the module
-    docstring). Everything is float64: float32 products stall CG near the optimum.
-    `cov` (k, k) is the covariance of W's rows, the preconditioner's model of the vocabulary's tail.
-    """
-
-    def __init__(self, weight: Tensor, bias: Tensor | None, scale: float, softcap: float | None, probs: Tensor,
-                 cov: Tensor):
-        self.w = weight.double()
-        self.bias = None if bias is None else bias.double()
-        self.s, self.c = float(scale), softcap
-        self.cov = cov
-        self.p = probs.double()
-        self.p = self.p / self.p.sum(-1, keepdim=True)  # exact in float64: KL(p ‖ p) = 0, never < 0
-        self.neg_entropy = torch.special.xlogy(self.p, self.p).sum(-1)
-
-    def _logits(self, x: Tensor) -> Tensor:
-        u = x @ self.w.T
-        if self.bias is not None:
-            u = u + self.bias
-        return u * self.s
-
-    def evaluate(self, x: Tensor, rows: Tensor):
-        u = self._logits(x)
-        if self.c is not None:
-            t = torch.tanh(u / self.c)
-            z, slope, curve = self.c * t, 1 - t * t, -2 * t * (1 - t * t) / self.c
-        else:
-            z, slope, curve = u, None, None
-        logq = torch.log_softmax(z, dim=-1)
-        q = logq.exp()
-        p = self.p[rows]
-        kl = self.neg_entropy[rows] - (p * logq).sum(-1)
-        r = q - p  # ∂KL/∂z
-        grad = self.s * ((r if slope is None else r * slope) @ self.w)
-        return kl, grad, (q, slope, None if curve is None else r * curve)
-
-    def logprobs(self, x: Tensor) -> Tensor:
-        u = self._logits(x)
-        if self.c is not None:
-            u = self.c * torch.tanh(u / self.c)
-        return torch.log_softmax(u, dim=-1)
-
-    def hvp(self, v: Tensor, cache) -> Tensor:
-        # float64 too: with float32 products CG loses conjugacy and needs ~3.5x more of them (measured).
-        q, slope, curve_r = cache
-        du = self.s * (v @ self.w.T)
-        dz = du if slope is None else du * slope
-        dr = q * dz - q * (q * dz).sum(-1, keepdim=True)  # (diag q − q qᵀ) dz
-        if slope is not None:
-            dr = dr * slope + curve_r * du
-        return self.s * (dr @ self.w)
-
-    def preconditioner(self, cache, rows=None) -> tuple[Tensor, Tensor]:
-        """(M (A, k, k), ‖M⁻¹‖₂ upper bound (A,)) with Mᵀ Ĥ M = I at the cached points.
-
-        Ĥ = Σ_{i ∈ top} q_i a_i a_iᵀ + max(1 − Σ_top q_i, TAIL_FLOOR) s² C + δ I, a_i = J_i − Σ_top q_j J_j, J_i = s·slope_i·w_i:
-        the Gauss-Newton Hessian s²·Jᵀ(diag q − q qᵀ)J over the most probable tokens, the tail modelled
-        by the row covariance C, δ only to keep the Cholesky factor finite.
-        `rows` (A,) are the target rows of the cached points, for error messages (default 0..A−1).
-        Raises FloatingPointError if Ĥ is not finite (NaN/inf in the weights, or in the point, e.g.
-        from non-finite targets) or cannot be factorised; it never loops forever.
-        """
-        q, slope, _ = cache
-        eye = torch.eye(self.w.shape[1], dtype=torch.float64)
-        ms, norms = [], []
-        for i in range(len(q)):
-            row = i if rows is None else int(rows[i])
-            top = torch.topk(q[i], min(PRECOND_TOKENS, len(q[i]))).indices
-            jac = self.w[top] * self.s if slope is None else self.w[top] * (self.s * slope[i, top, None])
-            qt = q[i, top]
-            a = jac - qt @ jac
-            hess = (a * qt[:, None]).T @ a + max(1 - float(qt.sum()), TAIL_FLOOR) * self.s**2 * self.cov
-            if not bool(torch.isfinite(hess).all()):
-                raise FloatingPointError(
-                    f"the bound's Hessian for target row {row} (counted within its chunk of max_batch targets) "
-                    "is not finite: the target probabilities, the output-layer weights or the solver's point "
-                    "contain NaN or inf. Check that the targets and the model's weights are finite "
-                    "(e.g. torch.isfinite(targets.probs).all()).")
-            # δ grows until the factorisation succeeds (needed only for degenerate W); Ĥ is finite and
-            # positive semi-definite, so a δ of up to 1e28 × its scale always does.
-            jitter = max(1e-12 * float(hess.diagonal().abs().mean()), 1e-300)
-            for _ in range(21):
-                chol, info = torch.linalg.cholesky_ex(hess + jitter * eye)
-                if int(info) == 0:
-                    break
-                jitter *= 100
-            else:
-                raise FloatingPointError(
-                    f"the bound's Hessian for target row {row} could not be factorised even with a jitter of "
-                    f"{jitter / 100:.3g}; the output-layer weights are degenerate or badly scaled.")
-            ms.append(torch.linalg.solve_triangular(chol, eye, upper=False).T)  # M = L⁻ᵀ, Ĥ = L Lᵀ
-            norms.append(float(hess.diagonal().sum() + len(eye) * jitter) ** 0.5)  # ‖Lᵀ‖₂ ≤ √trace
-        return torch.stack(ms), torch.tensor(norms, dtype=torch.float64)
-
-
-class _Sphere:
-    """g_t(v_t) = f_t(R v_t / ‖v_t‖): the objective on the sphere of radius R (scale-invariant in v)."""
-
-    def __init__(self, base: _Objective, radius: float):
-        self.base, self.R = base, radius
-
-    def point(self, v: Tensor) -> Tensor:
-        return self.R * v / v.norm(dim=-1, keepdim=True)
-
-    def evaluate(self, v: Tensor, rows: Tensor):
-        r = v.norm(dim=-1, keepdim=True)
-        vh = v / r
-        kl, gu, cache = self.base.evaluate(self.R * vh, rows)
-        proj = gu - (gu * vh).sum(-1, keepdim=True) * vh
-        return kl, (self.R / r) * proj, (cache, r, vh, gu)
-
-    def hvp(self, w: Tensor, cache) -> Tensor:
-        # Hessian of f(R v/‖v‖): Jᵀ H_u J + Σ_k g_k ∇²u_k, J = (R/r)(I − v̂v̂ᵀ) and
-        # Σ_k g_k ∇²u_k = −(R/r²)[P g v̂ᵀ + v̂ gᵀP + (gᵀv̂) P], P = I − v̂v̂ᵀ.
-        base_cache, r, vh, g = cache
-
-        def proj(a):
-            return a - (a * vh).sum(-1, keepdim=True) * vh
-
-        hu = self.base.hvp((self.R / r) * proj(w), base_cache)
-        pg = proj(g)
-        second = pg * (vh * w).sum(-1, keepdim=True) + vh * (pg * w).sum(-1, keepdim=True) \
-            + (g * vh).sum(-1, keepdim=True) * proj(w)
-        return (self.R / r) * proj(hu) - (self.R / r**2) * second
-
-    def preconditioner(self, cache, rows=None) -> tuple[Tensor, Tensor]:
-        # Near the sphere the Hessian in v is ≈ (R/r)² P H_u P, so the base coordinates scaled by r/R
-        # fit it; along v̂ it is ~0, but the gradient has no v̂ component, so CG never moves that way.
-        base_cache, r, _, _ = cache
-        m, norm = self.base.preconditioner(base_cache, rows)
-        ratio = (r / self.R).squeeze(-1)
-        return m * ratio[:, None, None], norm / ratio
-
-
-def _take(cache, i: int):
-    """Row i of a (nested) cache of row-major tensors, keeping the row dimension."""
-    if cache is None:
-        return None
-    if isinstance(cache, tuple):
-        return tuple(_take(c, i) for c in cache)
-    return cache[i:i + 1]
-
-
-def _stack(caches: list):
-    if caches[0] is None:
-        return None
-    if isinstance(caches[0], tuple):
-        return tuple(_stack([c[j] for c in caches]) for j in range(len(caches[0])))
-    return torch.cat(caches)
-
-
-class _ServerFailed(RuntimeError):
-    """Raised in a solver thread by `_Lockstep.ask` once the server has failed; its cause is the
-    server's error, which the main thread re-raises from `_solve`."""
-
-
-class _Lockstep:
-    """One SciPy minimisation per target, each in its own thread, computed together.
-
-    Every thread asks for f/∇f ("f"), a Hessian-vector product ("h") or its restart coordinates ("m")
-    at its own point and blocks; f, ∇f and the curvature there are cached per row. Once every
-    live thread is waiting, the main thread answers all of them with batched matmuls. Each target
-    thus gets its own, unmodified SciPy solver (own line search, own CG, own stopping), while the
-    cost is that of one batched matmul per round of requests.
-    If answering fails (say `obj.evaluate` raises), every thread is woken: its pending and later
-    `ask`s raise `_ServerFailed` from that error; once every thread is done, `serve` re-raises it.
-    """
-
-    def __init__(self, obj, n: int):
-        self.obj, self.n = obj, n
-        self.cv = threading.Condition()
-        self.pending: dict[int, tuple] = {}
-        self.answers: dict[int, object] = {}
-        self.alive = n
-        self.cache: dict[int, tuple] = {}  # row -> (x as numpy, cache at x)
-        self.calls = 0
-        self.error: BaseException | None = None  # the server's failure, once it has failed
-
-    def ask(self, row: int, kind: str, x: np.ndarray, v: np.ndarray | None = None):
-        with self.cv:
-            if self.error is None:
-                self.pending[row] = (kind, x, v)
-                self.cv.notify_all()
-                while row not in self.answers and self.error is None:
-                    self.cv.wait()
-                if row in self.answers:
-                    return self.answers.pop(row)
-            self.pending.pop(row, None)
-            raise _ServerFailed(f"the bound solver's server failed: {self.error!r}") from self.error
-
-    def done(self):
-        with self.cv:
-            self.alive -= 1
-            self.cv.notify_all()
-
-    def serve(self):
-        """Answer rounds of requests until every thread is done; on an error, stop them all, then re-raise it."""
-        try:
-            while True:
-                with self.cv:
-                    while len(self.pending) < self.alive:
-                        self.cv.wait()
-                    if self.alive == 0:
-                        return
-                    batch, self.pending = self.pending, {}
-                answers = self._answer(batch)
-                with self.cv:
-                    self.answers.update(answers)
-                    self.cv.notify_all()
-        except BaseException as err:  # KeyboardInterrupt too: no thread may be left waiting
-            with self.cv:
-                self.error = err
-                self.pending.clear()
-                self.cv.notify_all()  # every waiting ask raises; later ones raise at once
-                while self.alive > 0:
-                    self.cv.wait()
-            raise
-
-    def _answer(self, batch: dict) -> dict:
-        self.calls += 1
-        answers = {}
-        fresh = [r for r, (_, x, _) in batch.items() if r not in self.cache or not np.array_equal(self.cache[r][0], x)]
-        if fresh:
-            x = torch.from_numpy(np.stack([batch[r][1] for r in fresh]))
-            kl, grad, cache = self.obj.evaluate(x, torch.tensor(fresh))
-            for i, r in enumerate(fresh):
-                self.cache[r] = (batch[r][1], _take(cache, i), (float(kl[i]), grad[i].numpy().copy()))
-        hess = [r for r, (kind, _, _) in batch.items() if kind == "h"]
-        if hess:
-            v = torch.from_numpy(np.stack([batch[r][2] for r in hess]))
-            hv = self.obj.hvp(v, _stack([self.cache[r][1] for r in hess]))
-            for i, r in enumerate(hess):
-                answers[r] = hv[i].numpy().copy()
-        pre = [r for r, (kind, _, _) in batch.items() if kind == "m"]
-        if pre:
-            m, inv_norm = self.obj.preconditioner(_stack([self.cache[r][1] for r in pre]), pre)
-            for i, r in enumerate(pre):
-                answers[r] = (m[i].numpy().copy(), float(inv_norm[i]))
-        for r, (kind, _, _) in batch.items():
-            if kind == "f":
-                f, g = self.cache[r][2]
-                answers[r] = (f, g.copy())
-        return answers
-
-
-def _restart(hub: _Lockstep, row: int, origin: np.ndarray, method: str, maxiter: int, tol: float,
-             history: list[float]):
-    """One SciPy run for target `row` in coordinates x, h = origin + M x, M the preconditioner at origin.
-
-    Appends the KL after each iteration to `history`; stops early once ‖∇_h‖ ≤ tol at an iterate.
-    Returns (the SciPy result, h at its end).
-    """
-    m, m_inv_norm = hub.ask(row, "m", origin)
-    last = {"x": None, "g": math.inf}
-
-    def fun(x):
-        f, g = hub.ask(row, "f", origin + m @ x)
-        last["x"], last["g"] = x.copy(), float(np.linalg.norm(g))
-        return f, m.T @ g
-
-    def hessp(x, v):
-        return m.T @ hub.ask(row, "h", origin + m @ x, m @ v)
-
-    def callback(intermediate_result):  # SciPy needs this exact name
-        history.append(float(intermediate_result.fun))
-        if np.array_equal(intermediate_result.x, last["x"]) and last["g"] <= tol:
-            raise StopIteration
-
-    if method == "Newton-CG":
-        options = {"maxiter": maxiter, "xtol": 1e-300}  # stop on the gradient test (callback), not on step size
-    else:
-        options = {"maxiter": maxiter, "gtol": tol / m_inv_norm}  # ‖∇_x‖ < gtol implies ‖∇_h‖ < tol
-    res = minimize(fun, np.zeros(len(origin)), jac=True, hessp=hessp, method=method, options=options,
-                   callback=callback)
-    return res, origin + m @ res.x
-
-
 def _solve(obj, x0: Tensor, config: BoundConfig):
-    """Minimise every row of `obj` from x0 (T, k) float64, each with its own restarted SciPy solver.
+    """`lockstep.solve` with the config's stopping rule and this module's restart schedule.
 
-    Restarts: first `GLOBAL_ITERS` iterations of trust-krylov, then runs of at most `REFRESH` iterations
-    of `config.solver`, each in fresh preconditioned coordinates (see the module docstring). A target
-    stops when ‖∇_h‖ ≤ tol, after `max_iter` iterations in all, or when a restart makes no progress
-    (neither f nor ‖∇‖ decreases). A row whose own solver fails keeps its best point so far (logged);
-    an error in the batched computation (`obj`) stops every row and is re-raised here.
-    Returns (h (T, k), ‖∇_h‖ (T,), iterations (T,), trace (n_iter + 1, T) KL per iteration).
+    Returns (h (T, k), ‖∇_h KL‖ (T,), iterations (T,), trace (n_iter + 1, T) KL per iteration).
     """
-    n, k = x0.shape
-    hub = _Lockstep(obj, n)
-    results: dict[int, tuple] = {}
+    return solve(obj, x0, tol=config.tol, max_iter=config.max_iter, solver=config.solver,
+                 global_iters=GLOBAL_ITERS, refresh=REFRESH)
 
-    def run(row: int):
-        history: list[float] = []
-        h = x0[row].numpy().copy()
-        iters = restarts = 0
-        try:
-            f, g = hub.ask(row, "f", h)
-            gnorm = float(np.linalg.norm(g))
-            history.append(f)
-            while gnorm > config.tol and iters < config.max_iter:
-                first = restarts == 0 and GLOBAL_ITERS > 0
-                method = "trust-krylov" if first else config.solver
-                res, new_h = _restart(hub, row, h, method, min(GLOBAL_ITERS if first else REFRESH,
-                                                               config.max_iter - iters), config.tol, history)
-                iters, restarts = iters + int(res.nit), restarts + 1
-                log.debug("row %d restart %s: %d iterations, %d products, KL %.6g -> %.6g, %s",
-                          row, method, res.nit, res.get("nhev", 0), f, res.fun, res.message)
-                new_f, new_g = hub.ask(row, "f", new_h)
-                new_gnorm = float(np.linalg.norm(new_g))
-                if not (new_f < f or new_gnorm < gnorm):
-                    if first:
-                        continue  # every trust-region step was rejected: go on with the local solver
-                    break  # the solver can make no more progress from here
-                h, f, gnorm = new_h, new_f, new_gnorm
-        except _ServerFailed:
-            pass  # the server failed: _solve re-raises its error once every thread is done
-        except Exception as err:  # noqa: BLE001 - reported, and the row keeps its best point so far
-            log.warning("bound solver failed on row %d: %s", row, err)
-        finally:
-            results[row] = (h, iters, history)
-            hub.done()
-
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
-    for t in threads:
-        t.start()
-    try:
-        hub.serve()  # if answering fails, it stops every thread and re-raises the error here
-    finally:
-        for t in threads:
-            t.join()
-    x = torch.from_numpy(np.stack([results[i][0] for i in range(n)])).double()
-    _, grad, _ = obj.evaluate(x, torch.arange(n))
-    gnorm = grad.norm(dim=-1)
-    iters = torch.tensor([results[i][1] for i in range(n)])
-    n_hist = max(len(results[i][2]) for i in range(n))
-    trace = torch.full((n_hist, n), math.nan, dtype=torch.float64)
-    for i in range(n):
-        trace[:len(results[i][2]), i] = torch.tensor(results[i][2], dtype=torch.float64)
-    log.debug("bound solve: %d targets, %d batched requests, max ‖∇‖ %.3g", n, hub.calls, float(gnorm.max()))
-    return x, gnorm, iters, trace
-
-
-def _gram(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """(k, k) WᵀW and (k,) Wᵀ1 in float64 (the one O(vocab·k²) cost, shared by the preconditioner and warm start)."""
-    w = weight.double()
-    return w.T @ w, w.sum(0)
-
-
-def _row_covariance(gram: Tensor, colsum: Tensor, n: int) -> Tensor:
-    """(k, k) covariance of W's n rows: the Hessian of the free problem at the uniform distribution."""
-    mean = colsum / n
-    return gram / n - torch.outer(mean, mean)
-
-
-def _least_squares_start(gram: Tensor, colsum: Tensor, weight: Tensor, bias: Tensor | None, scale: float,
-                         probs: Tensor) -> Tensor:
-    """(T, k) float64 minimisers of ‖s(W h + b) + c·1 − log p‖² over (h, c), zeros clipped.
-
-    A zero probability is replaced by (the smallest positive one) / 10 in the logarithm: only a start.
-    """
-    n = weight.shape[0]
-    p = probs.double()
-    floor = torch.where(p > 0, p, torch.full_like(p, math.inf)).min(-1, keepdim=True).values / 10
-    y = torch.log(torch.maximum(p, floor)) / scale  # (T, vocab)
-    if bias is not None:
-        y = y - bias.double()
-    full = torch.zeros(len(gram) + 1, len(gram) + 1, dtype=torch.float64)  # normal equations of [W 1]
-    full[:-1, :-1], full[:-1, -1], full[-1, :-1], full[-1, -1] = gram, colsum, colsum, n
-    rhs = torch.cat([y @ weight.double(), y.sum(-1, keepdim=True)], dim=1)  # (T, k + 1)
-    ridge = 1e-10 * full.diagonal().mean() * torch.eye(len(full), dtype=torch.float64)
-    return torch.linalg.solve(full + ridge, rhs.T).T[:, :-1].contiguous()
 
 
 class _Problem:

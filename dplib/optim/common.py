@@ -1,7 +1,7 @@
-"""What every optimiser shares: the Result type and best-so-far tracking.
+"""What every optimiser shares: config checks (`require`, `is_int`), best-so-far tracking, the Result type.
 
 What an optimiser reads from the model (the forward pass, the output layer, the prompt frame) lives
-in `dplib.lm`, the one module that knows how a causal LM is built.
+in `dplib.lm`, the one package that knows how a causal LM is built.
 """
 
 from __future__ import annotations
@@ -120,9 +120,6 @@ class Result:
     projected_kl: Tensor | None = None
     hidden: Tensor | None = None
     meta: dict = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.target_ids)
 
     def to_frame(self) -> pd.DataFrame:
         """One tidy row per target: target_id, method, kl_nats, initial_kl_nats, improvement_nats
