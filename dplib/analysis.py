@@ -4,14 +4,21 @@
 the mean, its standard error and a percentile-bootstrap confidence interval. `top_tokens` turns
 target and achieved distributions into the long table `plotting.distributions` draws. Tables in,
 tables out; nothing here plots.
+
+Every interval here is a percentile bootstrap computed by one helper, `bootstrap_interval`, seeded per
+group with `group_seed(seed, key)` (a hash of the base seed and the group's key): a group's interval
+depends on its own rows only, so adding or removing another group (a model, a bin, a method) never
+moves it, and the same table always gives the same intervals.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+
+from .seeds import derive_seed
 
 
 def entropy_bins(max_entropy: float, n_bins: int) -> np.ndarray:
@@ -21,49 +28,98 @@ def entropy_bins(max_entropy: float, n_bins: int) -> np.ndarray:
     return np.linspace(0.0, float(max_entropy), n_bins + 1)
 
 
+def group_seed(seed: int, key: Mapping | Sequence = ()) -> int:
+    """The bootstrap seed of one group: a pure function of the base `seed` and the group's key
+    ({column: value} or a sequence of values), so no group's interval depends on which others exist."""
+    items = sorted(key.items(), key=lambda kv: str(kv[0])) if isinstance(key, Mapping) else list(enumerate(key))
+    return derive_seed(seed, "bootstrap", *(f"{k}={v}" for k, v in items))
+
+
+def _percentiles(samples: np.ndarray, level: float) -> tuple[float, float]:
+    """The central `level` percentile interval of bootstrap replicates (NaN replicates dropped; with
+    infinite replicates, e.g. a ratio over a resample whose denominator is 0, no interpolation)."""
+    samples = np.asarray(samples, dtype=float)
+    samples = samples[~np.isnan(samples)]
+    if len(samples) == 0:
+        return float("nan"), float("nan")
+    alpha = (1 - level) / 2
+    method = "linear" if np.isfinite(samples).all() else "inverted_cdf"
+    lo, hi = np.quantile(samples, [alpha, 1 - alpha], method=method)
+    return float(lo), float(hi)
+
+
+def bootstrap_interval(statistic: Callable[..., np.ndarray], samples: Sequence[np.ndarray], *,
+                       n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap interval of `statistic`, resampling each sample independently (stratified).
+
+    Args:
+        statistic: called as statistic(*resampled), where resampled[i] has shape (n_boot, n_i, ...)
+            (rows of samples[i] drawn with replacement); returns the (n_boot,) replicate values.
+            A paired sample is one (n, 2) array, so its pairs are resampled together.
+        samples: arrays of shape (n_i, ...): one observation per row.
+        seed: an int; give each group its own with `group_seed(seed, key)`.
+    Returns: (lo, hi), the central `level` interval of the replicates; (nan, nan) when a sample is
+        empty. A sample of one row has nothing to resample: with every sample of one row the interval
+        is the point value (lo = hi), which says nothing about uncertainty (callers judging a claim
+        must require n ≥ 2 themselves).
+    """
+    samples = [np.asarray(x, dtype=float) for x in samples]
+    if not samples or any(len(x) == 0 for x in samples):
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    resampled = [x[rng.integers(0, len(x), size=(n_boot, len(x)))] for x in samples]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        replicates = np.asarray(statistic(*resampled), dtype=float)
+    if replicates.shape != (n_boot,):
+        raise ValueError(f"bootstrap_interval: the statistic returned shape {replicates.shape}, expected "
+                         f"({n_boot},): reduce over the observation axis (axis 1) only")
+    return _percentiles(replicates, level)
+
+
+def _mean_of_rows(x: np.ndarray) -> np.ndarray:
+    return x.mean(axis=1)
+
+
 def bootstrap_ci(values: np.ndarray, *, n_boot: int = 1000, level: float = 0.95,
                  seed: int = 0) -> tuple[float, float]:
-    """Percentile-bootstrap confidence interval of the mean; (nan, nan) for an empty sample."""
+    """Percentile-bootstrap confidence interval of the mean (non-finite values dropped); (nan, nan)
+    for an empty sample, (v, v) for a single value."""
     values = np.asarray(values, dtype=float)
     values = values[np.isfinite(values)]
-    if len(values) == 0:
-        return float("nan"), float("nan")
-    if len(values) == 1:
-        return float(values[0]), float(values[0])
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(1)
-    alpha = (1 - level) / 2
-    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+    return bootstrap_interval(_mean_of_rows, [values], n_boot=n_boot, level=level, seed=seed)
 
 
 def bin_summary(df: pd.DataFrame, value: str = "kl_nats", *, by: Sequence[str] = ("method",),
-                x: str = "entropy_nats", bins: int | Sequence[float] = 8, n_boot: int = 1000,
-                level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+                x: str = "entropy_nats", bins: int | Sequence[float] = 8, range_by: Sequence[str] = (),
+                n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
     """Mean of `value` per group and per bin of `x`, with standard error and bootstrap CI.
 
     Args:
         df: a tidy table with columns `x`, `value` and `by`.
         bins: the number of equal-width bins over [0, max x] or explicit edges.
+        range_by: with an int `bins`, columns of `by` within which the range [0, max x] is taken
+            (e.g. ["model"]: each model's bins span its own entropy range, 0 … ln|V| on its grid).
     Returns: columns *by, bin_left, bin_right, bin_mid, n, mean, sem, ci_low, ci_high, where
         sem = sample std / sqrt(n) (NaN for n = 1) and the CI is a `level` percentile bootstrap of
-        the mean, seeded (the same table gives the same interval).
+        the mean, seeded per group (the same rows give the same interval).
     """
-    by = list(by)
-    missing = [c for c in [x, value, *by] if c not in df]
-    if missing:
-        raise KeyError(f"bin_summary: columns {missing} not in the table (have {list(df.columns)})")
+    by, range_by = list(by), list(range_by)
+    _need(df, [x, value, *by], "bin_summary")
+    if range_by and not set(range_by) <= set(by):
+        raise ValueError(f"bin_summary: range_by {range_by} must be columns of by {by}")
+    if range_by and isinstance(bins, int):
+        parts = [bin_summary(part, value, by=by, x=x, bins=entropy_bins(float(part[x].max()) or 1.0, bins),
+                             n_boot=n_boot, level=level, seed=seed) for _, part in _groups(df, range_by)]
+        return pd.concat(parts, ignore_index=True)
     edges = entropy_bins(float(df[x].max()) or 1.0, bins) if isinstance(bins, int) else np.asarray(bins, float)
-    # the right edge is closed so the maximum lands in the last bin
-    idx = np.clip(np.searchsorted(edges, df[x].to_numpy(), side="right") - 1, 0, len(edges) - 2)
-    work = df.assign(_bin=idx)
+    work = df.assign(_bin=_bin_index(df[x].to_numpy(float), edges))
     rows = []
-    for key, group in work.groupby([*by, "_bin"], sort=True, dropna=False):
-        key = key if isinstance(key, tuple) else (key,)
+    for key, group in _groups(work, [*by, "_bin"]):
         vals = group[value].to_numpy(dtype=float)
-        b = int(key[-1])
-        lo, hi = bootstrap_ci(vals, n_boot=n_boot, level=level, seed=seed)
+        b = int(key.pop("_bin"))
+        lo, hi = bootstrap_ci(vals, n_boot=n_boot, level=level, seed=group_seed(seed, {**key, "bin": b}))
         n = int(np.isfinite(vals).sum())
-        rows.append({**dict(zip(by, key[:-1], strict=True)), "bin_left": edges[b], "bin_right": edges[b + 1],
+        rows.append({**key, "bin_left": edges[b], "bin_right": edges[b + 1],
                      "bin_mid": (edges[b] + edges[b + 1]) / 2, "n": n,
                      "mean": float(np.nanmean(vals)) if n else float("nan"),
                      "sem": float(np.nanstd(vals, ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
@@ -147,14 +203,6 @@ def _edges(values, bins) -> np.ndarray:
     return np.asarray(bins, dtype=float)
 
 
-def _quantiles(samples: np.ndarray, level: float) -> tuple[float, float]:
-    samples = samples[np.isfinite(samples)]
-    if len(samples) == 0:
-        return float("nan"), float("nan")
-    alpha = (1 - level) / 2
-    return float(np.quantile(samples, alpha)), float(np.quantile(samples, 1 - alpha))
-
-
 def _groups(df: pd.DataFrame, by: Sequence[str]):
     """(key dict, rows) per combination of `by` (one group of everything when `by` is empty)."""
     if not by:
@@ -169,6 +217,12 @@ def _need(df: pd.DataFrame, columns, who: str) -> None:
     missing = [c for c in columns if c not in df]
     if missing:
         raise KeyError(f"{who}: columns {missing} not in the table (have {list(df.columns)})")
+
+
+def _stratified_difference(*resampled: np.ndarray) -> np.ndarray:
+    """(1/S) Σ_s (mean baseline_s − mean group_s) over S strata given as (baseline_1, group_1, ...)."""
+    pairs = zip(resampled[0::2], resampled[1::2], strict=True)
+    return sum(b.mean(1) - g.mean(1) for b, g in pairs) / (len(resampled) // 2)
 
 
 def matched_difference(df: pd.DataFrame, value: str = "kl_nats", *, column: str, baseline: str,
@@ -200,7 +254,6 @@ def matched_difference(df: pd.DataFrame, value: str = "kl_nats", *, column: str,
     by = list(by)
     _need(df, [value, column, match, *by], "matched_difference")
     edges = _edges(df[match].to_numpy(float), bins)
-    rng = np.random.default_rng(seed)
     rows = []
     for key, part in _groups(df, by):
         base = part[part[column] == baseline]
@@ -218,11 +271,8 @@ def matched_difference(df: pd.DataFrame, value: str = "kl_nats", *, column: str,
                     sem = float(np.sqrt(var) / n_s)
                 else:
                     sem = float("nan")
-                boot = np.zeros(n_boot)
-                for vb, vg in cells:
-                    boot += (vb[rng.integers(0, len(vb), (n_boot, len(vb)))].mean(1)
-                             - vg[rng.integers(0, len(vg), (n_boot, len(vg)))].mean(1))
-                lo, hi = _quantiles(boot / n_s, level)
+                lo, hi = bootstrap_interval(_stratified_difference, [v for c in cells for v in c], n_boot=n_boot,
+                                            level=level, seed=group_seed(seed, {**key, column: group, "bin": b}))
                 rows.append({**key, column: group, "bin_left": edges[b], "bin_right": edges[b + 1],
                              "bin_mid": (edges[b] + edges[b + 1]) / 2, "n_strata": n_s,
                              "n": sum(len(c[1]) for c in cells), "n_baseline": sum(len(c[0]) for c in cells),
@@ -231,6 +281,16 @@ def matched_difference(df: pd.DataFrame, value: str = "kl_nats", *, column: str,
     return pd.DataFrame(rows, columns=[*by, column, "bin_left", "bin_right", "bin_mid", "n_strata", "n",
                                        "n_baseline", "mean", "mean_baseline", "diff", "sem", "ci_low",
                                        "ci_high"])
+
+
+def _mean_gap(pairs: np.ndarray) -> np.ndarray:
+    """mean(t − c) of resampled (treatment, control) pairs, shape (n_boot, n, 2) → (n_boot,)."""
+    return (pairs[..., 0] - pairs[..., 1]).mean(1)
+
+
+def _relative_reduction(pairs: np.ndarray) -> np.ndarray:
+    """1 − mean(t) / mean(c) of resampled (treatment, control) pairs (a ratio of means)."""
+    return 1.0 - pairs[..., 0].mean(1) / pairs[..., 1].mean(1)
 
 
 def paired_comparison(df: pd.DataFrame, value: str = "kl_nats", *, column: str, control: str,
@@ -264,7 +324,6 @@ def paired_comparison(df: pd.DataFrame, value: str = "kl_nats", *, column: str, 
         treatments = [treatments]
     if treatments is None:
         treatments = [t for t in dict.fromkeys(df[column]) if t != control]
-    rng = np.random.default_rng(seed)
     rows = []
     for key, part in _groups(df, by):
         for name in [control, *treatments]:
@@ -280,13 +339,12 @@ def paired_comparison(df: pd.DataFrame, value: str = "kl_nats", *, column: str, 
             n = len(both)
             if n == 0:
                 continue
-            idx = rng.integers(0, n, (n_boot, n))
-            boot_t, boot_c = t[idx].mean(1), c[idx].mean(1)
+            pairs = np.column_stack([t, c])
+            seed_of = group_seed(seed, {**key, column: name, "control": control})
             with np.errstate(divide="ignore", invalid="ignore"):
-                boot_rr = 1.0 - boot_t / boot_c
                 rr = 1.0 - t.mean() / c.mean() if c.mean() != 0 else float("nan")
-            glo, ghi = _quantiles(boot_t - boot_c, level) if n > 1 else (float(t.mean() - c.mean()),) * 2
-            rlo, rhi = _quantiles(boot_rr, level) if n > 1 else (rr, rr)
+            glo, ghi = bootstrap_interval(_mean_gap, [pairs], n_boot=n_boot, level=level, seed=seed_of)
+            rlo, rhi = bootstrap_interval(_relative_reduction, [pairs], n_boot=n_boot, level=level, seed=seed_of)
             rows.append({**key, column: name, "control": control, "n": n, "mean_treatment": float(t.mean()),
                          "mean_control": float(c.mean()), "gap": float((t - c).mean()),
                          "gap_sem": float((t - c).std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
@@ -309,7 +367,7 @@ def group_summary(df: pd.DataFrame, value: str = "kl_nats", *, by: Sequence[str]
     for key, part in _groups(df, by):
         vals = part[value].to_numpy(float)
         vals = vals[np.isfinite(vals)]
-        lo, hi = bootstrap_ci(vals, n_boot=n_boot, level=level, seed=seed)
+        lo, hi = bootstrap_ci(vals, n_boot=n_boot, level=level, seed=group_seed(seed, key))
         rows.append({**key, "n": len(vals), "mean": float(vals.mean()) if len(vals) else float("nan"),
                      "sem": float(vals.std(ddof=1) / np.sqrt(len(vals))) if len(vals) > 1 else float("nan"),
                      "ci_low": lo, "ci_high": hi})
@@ -447,6 +505,11 @@ def hierarchy_parts(wide: pd.DataFrame, levels: Sequence[str] = HIERARCHY, *, x:
     return summary[cols]
 
 
+def _ratio_of_means(pairs: np.ndarray) -> np.ndarray:
+    """mean(numerator) / mean(denominator) of resampled (numerator, denominator) rows."""
+    return pairs[..., 0].mean(1) / pairs[..., 1].mean(1)
+
+
 def ratio_of_means(df: pd.DataFrame, numerator: str, denominator: str, *, x: str = "entropy_nats",
                    bins: int | Sequence[float] | None = 6, by: Sequence[str] = (), n_boot: int = 1000,
                    level: float = 0.95, seed: int = 0) -> pd.DataFrame:
@@ -464,16 +527,15 @@ def ratio_of_means(df: pd.DataFrame, numerator: str, denominator: str, *, x: str
     values = both[x].to_numpy(float)
     edges = (np.array([np.nanmin(values), np.nanmax(values)]) if bins is None and len(values)
              else _edges(values, bins if bins is not None else 1))
-    rng = np.random.default_rng(seed)
     rows = []
     for key, part in _groups(both.assign(_bin=_bin_index(both[x].to_numpy(float), edges)), [*by, "_bin"]):
         b = int(key.pop("_bin"))
         num, den = part[numerator].to_numpy(float), part[denominator].to_numpy(float)
         n = len(part)
-        idx = rng.integers(0, n, (n_boot, n))
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = num.mean() / den.mean() if den.mean() != 0 else float("nan")
-            lo, hi = _quantiles(num[idx].mean(1) / den[idx].mean(1), level) if n > 1 else (ratio, ratio)
+        lo, hi = bootstrap_interval(_ratio_of_means, [np.column_stack([num, den])], n_boot=n_boot, level=level,
+                                    seed=group_seed(seed, {**key, "bin": b}))
         rows.append({**key, "bin_left": edges[b], "bin_right": edges[b + 1], "bin_mid": (edges[b] + edges[b + 1]) / 2,
                      "n": n, "mean_numerator": float(num.mean()), "mean_denominator": float(den.mean()),
                      "ratio": float(ratio), "ci_low": lo, "ci_high": hi})

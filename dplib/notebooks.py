@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .results import Run, find_runs, open_run, read_frame, run_id_for
+from .results import Run, atomic_write_text, find_runs, open_run, read_frame, run_id_for
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,46 @@ def default_parameters(path: str | os.PathLike) -> dict:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             out[node.targets[0].id] = ast.literal_eval(node.value)
     return out
+
+
+def notebook_path(notebook: str | os.PathLike) -> Path:
+    """A notebook's file: a path as given, or a name ("01_entropy_sweep") in the repository's notebooks/."""
+    path = Path(notebook)
+    if path.suffix != ".ipynb":
+        path = notebooks_dir() / f"{notebook}.ipynb"
+    if not path.exists():
+        raise FileNotFoundError(f"no notebook {path} (have {[p.stem for p in list_notebooks()]})")
+    return path
+
+
+def cell_parameters(notebook: str | os.PathLike, namespace: Mapping) -> dict:
+    """The run's parameters: every name the notebook's `parameters` cell assigns, with its value now.
+
+    The names are read from the cell itself (the committed notebook's file), the values from
+    `namespace` (the kernel's `globals()`, after papermill's injected overrides), so the dictionary
+    that defines a run's identity is never retyped: a parameter added to the cell is in it.
+    Raises KeyError naming any parameter the namespace lacks (the parameters cell has not run).
+    """
+    names = list(default_parameters(notebook_path(notebook)))
+    missing = [n for n in names if n not in namespace]
+    if missing:
+        raise KeyError(f"parameters {missing} of {Path(notebook).stem}'s parameters cell are not defined here; "
+                       "run the parameters cell first")
+    return {n: namespace[n] for n in names}
+
+
+def start_run(notebook: str, namespace: Mapping) -> Run:
+    """Open the notebook's run from its parameters cell: `results.start_run(notebook, cell_parameters(...))`
+    with `results_dir`, `run_id` and `device` taken from the same parameters (those it declares).
+
+    In a notebook: `run = notebooks.start_run("01_entropy_sweep", globals())`.
+    """
+    from .results import RESULTS_DIR
+    from .results import start_run as _start_run
+
+    params = cell_parameters(notebook, namespace)
+    return _start_run(Path(notebook).stem, params, results_dir=params.get("results_dir", RESULTS_DIR),
+                      run_id=params.get("run_id"), device=params.get("device"))
 
 
 def smoke_parameters(path: str | os.PathLike) -> dict:
@@ -259,6 +299,109 @@ def reproduce(results_dir: str | os.PathLike = "results", *, smoke: bool = False
 # --------------------------------------------------------------------------------------------
 
 
+VERDICT_TABLE = "verdicts"  # tables/verdicts.csv: the notebook's verdicts (dplib.findings), shown in the index
+_CSS = ("body{font-family:sans-serif;max-width:1200px;margin:auto;padding:0 12px;color:#222}"
+        "table{border-collapse:collapse;font-size:13px;margin:6px 0}td,th{padding:3px 7px;border-bottom:1px solid #eee;"
+        "text-align:left;vertical-align:top}th{background:#f6f6f6}"
+        ".row{display:flex;gap:18px;align-items:flex-start;flex-wrap:wrap}"
+        "figure{margin:0}figure img{width:380px;border:1px solid #ddd}figcaption{font-size:12px;color:#555;max-width:380px}"
+        ".thumbs img{width:180px;margin:3px;border:1px solid #ddd}"
+        ".failed,.fails{color:#b00}.success,.holds{color:#070}.running,.undecided{color:#a60}"
+        "td.fails,td.holds,td.undecided{font-weight:bold}details{margin:6px 0}code{font-size:12px}")
+
+
+def _e(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _latest(runs: Sequence[Run]) -> list[Run]:
+    """Runs newest first (by end, else start time)."""
+    return sorted(runs, key=lambda r: r.meta.get("end") or r.meta.get("start") or "", reverse=True)
+
+
+def _run_time(meta: Mapping) -> str:
+    wall = meta.get("duration_s")
+    if wall is None:
+        wall = (meta.get("reproduce") or {}).get("wall_s")
+    return f"{wall:.0f} s ({wall / 60:.1f} min)" if wall is not None else "run time unknown"
+
+
+def _verdicts(run: Run):
+    """The run's verdict table (tables/verdicts.csv), None if it has none; raises if it is unreadable."""
+    if VERDICT_TABLE not in run.tables():
+        return None
+    return run.load_table(VERDICT_TABLE)
+
+
+def _headline_rows(table):
+    """The headline rows of a verdict table read back from CSV (True/False, or their strings)."""
+    if "headline" not in table:
+        return table
+    return table[table["headline"].astype(str).str.strip().str.lower().isin(["true", "1", "1.0"])]
+
+
+def _verdict_counts(table) -> str:
+    if table is None:
+        return "no verdicts"
+    head = _headline_rows(table)
+    counts = head["verdict"].value_counts()
+    return ", ".join(f"<span class='{v}'>{int(counts.get(v, 0))} {v}</span>" for v in ("holds", "fails", "undecided"))
+
+
+def _verdict_html(run: Run, root: Path) -> str:
+    """The headline verdicts of a run as a table: claim, scope, statistic, value, interval, n, verdict."""
+    try:
+        return _verdict_table_html(run, root)
+    except Exception as exc:  # a broken table should not break the index
+        return f"<p class='failed'>could not show the verdicts: {_e(type(exc).__name__)}: {_e(exc)}</p>"
+
+
+def _verdict_table_html(run: Run, root: Path) -> str:
+    table = _verdicts(run)
+    if table is None:
+        return "<p>No verdicts: this notebook states no claim (or this run did not reach its verdict cell).</p>"
+    head = _headline_rows(table)
+    rel = run.table_path(VERDICT_TABLE).relative_to(root).as_posix()
+    level = f"{float(head['level'].iloc[0]):.0%}" if len(head) and "level" in head else "95%"
+    rows = ["<table class='verdicts'><tr><th>claim</th><th>scope</th><th>statistic</th><th>value</th>"
+            f"<th>{_e(level)} interval</th><th>n</th><th>holds?</th></tr>"]
+    for r in head.to_dict("records"):
+        rows.append(f"<tr><td>{_e(r['claim'])}</td><td>{_e(r['scope'])}</td><td>{_e(r['statistic'])}</td>"
+                    f"<td>{_e(_num(r['value']))}</td><td>[{_e(_num(r['ci_low']))}, {_e(_num(r['ci_high']))}]</td>"
+                    f"<td>{_e(r['n'])}</td><td class='{_e(r['verdict'])}' title='{_e(r.get('note', ''))}'>"
+                    f"{_e(r['verdict'])}</td></tr>")
+    rows.append("</table>")
+    detail = len(table) - len(head)
+    more = f" and {detail} per-bin rows" if detail else ""
+    return "".join(rows) + f"<p>All {len(head)} headline verdicts{more}: <a href='{_e(rel)}'>{_e(Path(rel).name)}</a></p>"
+
+
+def _num(v) -> str:
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    return f"{v:.3g}"
+
+
+def _figure_html(run: Run, root: Path) -> str:
+    """The run's main figure as a thumbnail linking to the full image, with its title as alt text."""
+    fig = run.main_figure()
+    if fig is None:
+        return "<p>No figure.</p>"
+    rel = fig.relative_to(root).as_posix()
+    alt = run.figure_alt(fig)
+    return (f"<figure><a href='{_e(rel)}'><img src='{_e(rel)}' alt='{_e(alt)}'></a>"
+            f"<figcaption>{_e(alt)}</figcaption></figure>")
+
+
+def _parameters_html(meta: Mapping) -> str:
+    params = meta.get("parameters") or {}
+    rows = "".join(f"<tr><td><code>{_e(k)}</code></td><td><code>{_e(json.dumps(v, ensure_ascii=False))}</code></td></tr>"
+                   for k, v in params.items())
+    return f"<details><summary>parameters ({len(params)})</summary><table>{rows}</table></details>"
+
+
 def _headline(run: Run, max_rows: int = 20) -> str:
     meta = run.meta
     rel = meta.get("headline_table")
@@ -273,54 +416,83 @@ def _headline(run: Run, max_rows: int = 20) -> str:
     except Exception as exc:  # a broken table should not break the index
         return f"<p>could not read {html.escape(path.name)}: {html.escape(str(exc))}</p>"
     more = f" (first {max_rows} of {len(df)} rows)" if len(df) > max_rows else ""
-    return (f"<p>table <code>{html.escape(path.name)}</code>{more}</p>"
-            + df.head(max_rows).to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0))
+    return (f"<details><summary>table <code>{html.escape(path.name)}</code>{more}</summary>"
+            + df.head(max_rows).to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0) + "</details>")
+
+
+def _links(run: Run, root: Path) -> str:
+    meta = run.meta
+    rel = run.path.relative_to(root).as_posix()
+    links = []
+    if meta.get("html"):
+        links.append(f"<a href='{_e(rel)}/{_e(meta['html'])}'>executed notebook (HTML)</a>")
+    if meta.get("executed_notebook"):
+        links.append(f"<a href='{_e(rel)}/{_e(meta['executed_notebook'])}'>{_e(meta['executed_notebook'])}</a>")
+    links.append(f"<a href='{_e(rel)}/run.json'>run.json</a>")
+    return " · ".join(links)
+
+
+def _run_html(run: Run, root: Path) -> list[str]:
+    meta = run.meta
+    status = meta.get("status", "?")
+    git = meta.get("git") or {}
+    parts = [f"<p>run <code>{_e(run.run_id)}</code> <span class='{_e(status)}'>{_e(status)}</span>; "
+             f"started {_e(meta.get('start'))}; {_e(_run_time(meta))}; git {_e(str(git.get('commit') or '')[:10])}"
+             f"{' (dirty)' if git.get('dirty') else ''} — {_links(run, root)}</p>"]
+    if meta.get("error"):
+        parts.append(f"<p class='failed'>cell {_e(meta.get('failed_cell'))}: {_e(meta['error'])}</p>")
+    if meta.get("runtime_warning"):
+        parts.append(f"<p class='running'>{_e(meta['runtime_warning'])}</p>")
+    parts.append(f"<div class='row'>{_figure_html(run, root)}<div>{_verdict_html(run, root)}</div></div>")
+    parts.append(_parameters_html(meta))
+    others = [f for f in run.figures() if f != run.main_figure()]
+    if others:
+        thumbs = "".join(f"<a href='{_e(f.relative_to(root).as_posix())}'><img src='{_e(f.relative_to(root).as_posix())}' "
+                         f"alt='{_e(run.figure_alt(f))}' title='{_e(run.figure_alt(f))}'></a>" for f in others)
+        parts.append(f"<details><summary>{len(others)} more figures</summary><div class='thumbs'>{thumbs}</div></details>")
+    parts.append(_headline(run))
+    return parts
 
 
 def write_index(results_dir: str | os.PathLike = "results") -> Path:
-    """Write results/index.html: every run with its status, notebook render, figures and headline table."""
+    """Write results/index.html, the shared report: per notebook, its latest run's verdicts (claim, number,
+    interval, holds?), main figure as a thumbnail, run time, parameters and links to the executed HTML;
+    older runs listed below. Self-contained: relative links only, no script, no network, so it opens
+    from file:// (`scripts/render_index.py` renders it in headless Chromium)."""
     root = Path(results_dir)
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>dplib results</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
-             "img{max-width:520px;margin:4px;border:1px solid #ddd}table{border-collapse:collapse;"
-             "font-size:12px}td,th{padding:2px 6px;border-bottom:1px solid #eee}"
-             ".failed{color:#b00}.success{color:#070}.running{color:#a60}</style></head><body>",
-             "<h1>dplib results</h1>"]
     runs = find_runs("*/*", root)
+    by_notebook = {nb: _latest([r for r in runs if r.notebook == nb]) for nb in sorted({r.notebook for r in runs})}
+    parts = ["<!doctype html><html lang='en'><head><meta charset='utf-8'><title>dplib results</title>",
+             f"<style>{_CSS}</style></head><body>", "<h1>dplib results</h1>"]
     if not runs:
         parts.append("<p>No runs yet: <code>python -m dplib reproduce</code>.</p>")
-    for notebook in sorted({r.notebook for r in runs}):
-        parts.append(f"<h2>{html.escape(notebook)}</h2>")
-        group = sorted((r for r in runs if r.notebook == notebook),
-                       key=lambda r: r.meta.get("end") or r.meta.get("start") or "", reverse=True)
-        for run in group:
-            meta = run.meta
-            rel = run.path.relative_to(root).as_posix()
-            status = meta.get("status", "?")
-            links = [f"<a href='{rel}/run.json'>run.json</a>"]
-            for key in ("html", "executed_notebook"):
-                if meta.get(key):
-                    links.append(f"<a href='{rel}/{meta[key]}'>{html.escape(meta[key])}</a>")
-            duration = meta.get("duration_s")
-            took = f"{duration:.0f} s" if duration is not None else "duration unknown"
-            parts.append(
-                f"<h3>{html.escape(run.run_id)} <span class='{status}'>{html.escape(status)}</span></h3>"
-                f"<p>started {html.escape(str(meta.get('start')))}, "
-                f"{took}; "
-                f"git {html.escape(str((meta.get('git') or {}).get('commit', ''))[:10])}"
-                f"{' (dirty)' if (meta.get('git') or {}).get('dirty') else ''} — {' · '.join(links)}</p>")
-            if meta.get("error"):
-                parts.append(f"<p class='failed'>cell {meta.get('failed_cell')}: {html.escape(meta['error'])}</p>")
-            if meta.get("runtime_warning"):
-                parts.append(f"<p class='running'>{html.escape(meta['runtime_warning'])}</p>")
-            for fig in run.figures():
-                frel = fig.relative_to(root).as_posix()
-                parts.append(f"<a href='{frel}'><img src='{frel}' alt='{html.escape(fig.stem)}'></a>")
-            parts.append(_headline(run))
+    else:
+        parts.append("<table class='summary'><tr><th>notebook</th><th>latest run</th><th>run time</th>"
+                     "<th>headline verdicts</th></tr>")
+        for nb, group in by_notebook.items():
+            meta, status = group[0].meta, group[0].meta.get("status", "?")
+            try:
+                counts = _verdict_counts(_verdicts(group[0]))
+            except Exception:
+                counts = "unreadable verdicts"
+            parts.append(f"<tr><td><a href='#{_e(nb)}'>{_e(nb)}</a></td><td class='{_e(status)}'>{_e(status)}</td>"
+                         f"<td>{_e(_run_time(meta))}</td><td>{counts}</td></tr>")
+        parts.append("</table>")
+    for nb, group in by_notebook.items():
+        parts.append(f"<section id='{_e(nb)}'><h2>{_e(nb)}</h2>")
+        parts += _run_html(group[0], root)
+        if len(group) > 1:
+            parts.append(f"<details><summary>{len(group) - 1} older runs</summary><ul>")
+            for run in group[1:]:
+                status = run.meta.get("status", "?")
+                parts.append(f"<li><code>{_e(run.run_id)}</code> <span class='{_e(status)}'>{_e(status)}</span>, "
+                             f"{_e(_run_time(run.meta))} — {_links(run, root)}</li>")
+            parts.append("</ul></details>")
+        parts.append("</section>")
     parts.append("</body></html>")
-    out = root / "index.html"
     root.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(parts), encoding="utf-8")
+    out = root / "index.html"
+    atomic_write_text(out, "\n".join(parts))
     return out
 
 

@@ -277,8 +277,13 @@ class Run:
         folder = self.path / "tables"
         return sorted(p.stem for p in folder.glob("*") if p.suffix in (".csv", ".parquet")) if folder.exists() else []
 
-    def save_figure(self, fig, name: str, *, dpi: int = 120) -> Path:
-        """Save a matplotlib Figure as figures/<name>.png (atomically); returns the path."""
+    def save_figure(self, fig, name: str, *, dpi: int = 120, main: bool = False, alt: str | None = None) -> Path:
+        """Save a matplotlib Figure as figures/<name>.png (atomically); returns the path.
+
+        Its alt text (`alt`, else the figure's title: its suptitle or its first axes' title) is kept in
+        run.json under "figures", for the results index. `main=True` marks it as the run's main
+        figure, the one the index shows as a thumbnail.
+        """
         path = self.path / "figures" / f"{name}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
@@ -289,7 +294,25 @@ class Run:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        with self.editing() as meta:
+            meta.setdefault("figures", {})[path.name] = alt or figure_title(fig) or name.replace("_", " ")
+            if main:
+                meta["main_figure"] = str(path.relative_to(self.path))
         return path
+
+    def figure_alt(self, path: Path) -> str:
+        """The alt text recorded for a saved figure (its title), else its name in words."""
+        meta = self.meta if self.json_path.exists() else {}
+        return (meta.get("figures") or {}).get(path.name) or path.stem.replace("_", " ")
+
+    def main_figure(self) -> Path | None:
+        """The figure marked main (`save_figure(..., main=True)`), else the first saved one, else None."""
+        meta = self.meta if self.json_path.exists() else {}
+        rel = meta.get("main_figure")
+        if rel and (self.path / rel).exists():
+            return self.path / rel
+        figures = self.figures()
+        return figures[0] if figures else None
 
     def figures(self) -> list[Path]:
         folder = self.path / "figures"
@@ -307,6 +330,17 @@ class Run:
                 duration = (_dt.datetime.fromisoformat(end) - _dt.datetime.fromisoformat(start)).total_seconds()
             meta.update(to_jsonable({"status": status, "end": end, "duration_s": duration, **fields}))
         return meta
+
+
+def figure_title(fig) -> str:
+    """A matplotlib Figure's title: its suptitle, else the first axes title found ("" if none)."""
+    sup = getattr(fig, "_suptitle", None)
+    if sup is not None and sup.get_text().strip():
+        return " ".join(sup.get_text().split())
+    for ax in fig.get_axes():
+        if ax.get_title().strip():
+            return " ".join(ax.get_title().split())
+    return ""
 
 
 def start_run(notebook: str, params: Mapping, *, results_dir: str | os.PathLike = RESULTS_DIR,

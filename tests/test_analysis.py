@@ -227,3 +227,49 @@ def test_projection_note_explains_and_flags_a_projection_equal_to_the_initial_to
     hard.method = "hard"
     with pytest.raises(ValueError, match="soft Result"):
         analysis.projection_note(hard)
+
+
+# ---- the one bootstrap helper, seeded per group ------------------------------------------------------
+
+
+def test_bootstrap_interval_stratified_paired_and_degenerate():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(1.0, 0.1, 50), rng.normal(0.0, 0.1, 40)
+    lo, hi = analysis.bootstrap_interval(lambda x, y: x.mean(1) - y.mean(1), [a, b], seed=3)
+    assert lo < 1.0 < hi and hi - lo < 0.1
+    assert (lo, hi) == analysis.bootstrap_interval(lambda x, y: x.mean(1) - y.mean(1), [a, b], seed=3)
+    pairs = np.column_stack([a[:40], a[:40] + 0.5])  # paired rows resample together: the gap is exactly 0.5
+    assert analysis.bootstrap_interval(lambda p: (p[..., 1] - p[..., 0]).mean(1), [pairs]) == pytest.approx((0.5, 0.5))
+    assert analysis.bootstrap_interval(lambda x: x.mean(1), [np.array([2.0])]) == (2.0, 2.0)
+    assert all(np.isnan(analysis.bootstrap_interval(lambda x: x.mean(1), [np.array([])])))
+    with pytest.raises(ValueError, match="shape"):
+        analysis.bootstrap_interval(lambda x: x, [a])
+    # a ratio whose resampled denominator can be 0: infinite replicates are kept, not dropped
+    lo, hi = analysis.bootstrap_interval(lambda p: p[..., 0].mean(1) / p[..., 1].mean(1),
+                                         [np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 1.0]])])
+    assert np.isinf(hi) and np.isfinite(lo)
+
+
+def test_adding_a_group_moves_no_other_groups_interval(methods_table, grid_table):
+    soft = methods_table[methods_table.method == "soft"]
+    more = pd.concat([methods_table, soft.assign(method="extra", kl_nats=soft.kl_nats * 3)])
+    a = analysis.paired_comparison(methods_table, column="method", control="soft")
+    b = analysis.paired_comparison(more, column="method", control="soft")
+    pd.testing.assert_frame_equal(a, b[b["method"] != "extra"].reset_index(drop=True))
+    a = analysis.group_summary(methods_table)
+    b = analysis.group_summary(more)
+    pd.testing.assert_frame_equal(a, b[b["method"] != "extra"].reset_index(drop=True))
+    a = analysis.matched_difference(grid_table, column="group", baseline="vanilla", bins=[0.0, 5.0])
+    extra = grid_table[grid_table.group == "out"].assign(group="other", kl_nats=lambda d: d.kl_nats + 1)
+    b = analysis.matched_difference(pd.concat([grid_table, extra]), column="group", baseline="vanilla", bins=[0.0, 5.0])
+    pd.testing.assert_frame_equal(a, b[b["group"] == "out"].reset_index(drop=True))
+
+
+def test_bin_summary_range_by_gives_each_model_its_own_range():
+    df = pd.DataFrame({"model": ["a"] * 4 + ["b"] * 4, "method": "soft",
+                       "entropy_nats": [0.0, 1.0, 3.0, 4.0, 0.0, 2.0, 6.0, 8.0], "kl_nats": 1.0})
+    out = analysis.bin_summary(df, by=["model", "method"], bins=2, range_by=["model"])
+    assert out.groupby("model")["bin_right"].max().to_dict() == {"a": 4.0, "b": 8.0}
+    assert out["n"].tolist() == [2, 2, 2, 2]
+    with pytest.raises(ValueError, match="range_by"):
+        analysis.bin_summary(df, by=["method"], bins=2, range_by=["model"])

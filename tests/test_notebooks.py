@@ -301,9 +301,9 @@ def _interior_grid(vocab, n):
 
 
 def _n_outlier_points(vocab, grid, k, m):
-    from dplib import targets
+    from dplib import designs
 
-    return sum(any(lo <= m <= hi for lo, hi in targets.feasible_masses(vocab, h, k)) for h in grid)
+    return len(designs.feasible_entropies(vocab, grid, k, m))
 
 
 def test_experiment_notebooks_exist():
@@ -434,3 +434,153 @@ def test_distribution_proposers_smoke_tables(smoke_runs):
     assert (sums - 1).abs().max() < 1e-6  # the answers and "(outside)" hold all the mass
     assert run.meta["headline_table"] == "tables/results.csv"
     assert {f.name for f in run.figures()} == {f"distributions_{m}.png" for m in smoke["models"]}
+
+
+# ---- issue 15: parameters from the parameters cell, computed verdicts, the shared report ------------
+
+EXPERIMENTS = [p for p in NOTEBOOKS if p.stem != "00_quickstart"]  # every notebook that states claims
+
+
+def _code(path: Path) -> str:
+    nb = nbformat.read(path, as_version=4)
+    return "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+
+
+def test_cell_parameters_reads_every_name_of_the_parameters_cell(tmp_path):
+    path = _write_nb(tmp_path / "p.ipynb", [new_markdown_cell("# p"),
+                                            _params_cell("a = 1  # a\nb = 'x'  # b\nresults_dir = 'r'  # r")])
+    namespace = {"a": 5, "b": "y", "results_dir": "elsewhere", "unrelated": 3}
+    assert notebooks.cell_parameters(path, namespace) == {"a": 5, "b": "y", "results_dir": "elsewhere"}
+    with pytest.raises(KeyError, match=r"\['b'\]"):
+        notebooks.cell_parameters(path, {"a": 1, "results_dir": "r"})
+    with pytest.raises(FileNotFoundError, match="no notebook"):
+        notebooks.cell_parameters("zz_no_such_notebook", namespace)
+
+
+def test_start_run_takes_identity_and_place_from_the_cell(tmp_path):
+    path = _write_nb(tmp_path / "p.ipynb", [new_markdown_cell("# p"), _params_cell(
+        "x = 1  # x\nresults_dir = 'r'  # r\nrun_id = None  # id\nprogress = True  # bars")])
+    run = notebooks.start_run(str(path), {"x": 2, "results_dir": str(tmp_path / "res"), "run_id": None, "progress": False})
+    assert run.path.parent == tmp_path / "res" / "p" and run.meta["parameters"]["x"] == 2
+    assert run.run_id == results.run_id_for({"x": 2})  # results_dir, run_id and progress are not identity
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_run_identity_comes_from_the_parameters_cell(path, tmp_path):
+    code = _code(path)
+    assert "params = dict(" not in code and f'notebooks.start_run("{path.stem}", globals())' in code
+    effective, inject = notebooks.run_parameters(path, results_dir=tmp_path, smoke=True)
+    # the notebook's own id (when run by hand) is the one reproduce gives it
+    assert results.run_id_for(notebooks.cell_parameters(path, effective)) == inject["run_id"]
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_experiment_notebooks_end_with_computed_verdicts(path):
+    nb = nbformat.read(path, as_version=4)
+    assert not any(c.cell_type == "markdown" and c.source.lstrip().startswith("## Findings") for c in nb.cells)
+    last = nb.cells[-1]
+    assert last.cell_type == "code" and 'run.save_table(verdicts, "verdicts")' in last.source
+    assert "findings.show(verdicts)" in last.source and 'run.finish("success")' in last.source
+    code = _code(path)
+    assert "option_context" not in code and "% targets_per_entropy" not in code and "feasible_masses" not in code
+    assert "pair_id=" not in code  # the matched controls come from designs.with_matched_controls
+
+
+def _fake_report(root: Path) -> dict:
+    """Two notebooks' runs (one with verdicts, a main figure and an HTML render; one without verdicts)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dplib import findings
+
+    rows = []
+    for L in (1, 5):
+        for i in range(6):
+            rows += [{"cfg_prompt_length": L, "method": "soft", "target_id": f"t{i}", "kl_nats": 1.0 + 0.1 * i},
+                     {"cfg_prompt_length": L, "method": "hard", "target_id": f"t{i}", "kl_nats": 2.0 + 0.1 * i * L}]
+    verdicts = findings.hard_vs_soft(pd.DataFrame(rows))
+    made = {}
+    for name, with_verdicts in (("04_soft_vs_hard", True), ("00_quickstart", False)):
+        run = results.start_run(name, {"seed": 0, "label": "<b>&"}, results_dir=root)
+        fig, ax = plt.subplots(figsize=(3, 2))
+        ax.plot([0, 1], [1, 0])
+        ax.set_title(f"{name}: KL by method <L>")
+        run.save_figure(fig, "main", main=True)
+        run.save_figure(fig, "second", alt="a second figure")
+        plt.close(fig)
+        if with_verdicts:
+            run.save_table(verdicts, "verdicts")
+        (run.path / f"{name}.html").write_text("<html><body>executed</body></html>")
+        run.finish("success", html=f"{name}.html")
+        made[name] = verdicts if with_verdicts else None
+    return made
+
+
+def _render_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("render_index", notebooks.repo_root() / "scripts" / "render_index.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_index_shows_verdicts_figure_parameters_and_links(tmp_path):
+    import html
+
+    made = _fake_report(tmp_path)
+    page = notebooks.write_index(tmp_path).read_text()
+    verdicts = made["04_soft_vs_hard"]
+    for row in verdicts[verdicts["headline"]].to_dict("records"):
+        assert html.escape(row["claim"], quote=True) in page and html.escape(row["scope"], quote=True) in page
+        assert f"{row['value']:.3g}" in page and f"[{row['ci_low']:.3g}, {row['ci_high']:.3g}]" in page
+    assert "<td class='holds'" in page and "verdicts.csv" in page
+    assert "alt='04_soft_vs_hard: KL by method &lt;L&gt;'" in page  # the figure's title, escaped
+    assert "04_soft_vs_hard.html" in page and "executed notebook (HTML)" in page
+    assert "<code>label</code>" in page and "&lt;b&gt;&amp;" in page  # parameters, escaped
+    assert "No verdicts" in page  # the quickstart states no claim
+    assert _render_module().static_problems(tmp_path / "index.html") == []
+
+
+def test_render_index_static_check_finds_what_would_break_offline(tmp_path):
+    page = tmp_path / "index.html"
+    page.write_text("<html><body><img src='missing.png' alt=''><script src='https://cdn.example/x.js'></script>"
+                    "<a href='#top'>top</a></body></html>")
+    problems = "\n".join(_render_module().static_problems(page))
+    assert "missing file" in problems and "no alt text" in problems and "needs the network" in problems
+    assert "#top" not in problems
+
+
+@pytest.mark.slow
+def test_index_renders_in_headless_chromium(tmp_path):
+    render = _render_module()
+    chromium = render.find_chromium()
+    if chromium is None:
+        pytest.skip("no Chromium on PATH (Debian: apt-get install chromium)")
+    _fake_report(tmp_path)
+    notebooks.write_index(tmp_path)
+    out = tmp_path / "shot.png"
+    assert render.check(tmp_path / "index.html", out, chromium) == []
+    assert out.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_notebook_smoke_run_writes_its_verdicts_and_the_index_lists_them(smoke_runs, path):
+    import html
+
+    from dplib import findings
+
+    root, outcomes = smoke_runs
+    run = results.open_run(outcomes[path.stem].run_dir)
+    verdicts = run.load_table("verdicts")
+    assert list(verdicts.columns) == findings.COLUMNS
+    assert len(verdicts) > 0 and verdicts["headline"].any()
+    assert set(verdicts["verdict"]) <= set(findings.VERDICTS)
+    _no_nan(verdicts, ["claim", "scope", "statistic", "value", "n", "null", "verdict"])
+    page = (root / "index.html").read_text()
+    for row in verdicts[verdicts["headline"]].to_dict("records"):
+        assert html.escape(row["claim"], quote=True) in page and html.escape(row["scope"], quote=True) in page
+    assert run.main_figure() is not None

@@ -169,3 +169,23 @@ def test_locked_is_exclusive_across_processes(tmp_path):
     with results.locked(path):
         assert subprocess.run([sys.executable, "-c", probe, str(lock_file)]).returncode == 3
     assert subprocess.run([sys.executable, "-c", probe, str(lock_file)]).returncode == 0
+
+
+def test_save_figure_records_alt_text_and_the_main_figure(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = results.start_run("nb", {"a": 1}, results_dir=tmp_path)
+    assert run.main_figure() is None
+    fig, ax = plt.subplots()
+    ax.set_title("KL vs\nentropy")
+    first = run.save_figure(fig, "a_first")
+    main = run.save_figure(fig, "b_main", main=True, alt="the main one")
+    fig.suptitle("a suptitle")
+    third = run.save_figure(fig, "c_third")
+    plt.close(fig)
+    assert run.main_figure() == main and run.figures() == [first, main, third]
+    assert [run.figure_alt(p) for p in (first, main, third)] == ["KL vs entropy", "the main one", "a suptitle"]
+    assert run.meta["main_figure"] == "figures/b_main.png"
