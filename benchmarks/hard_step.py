@@ -8,11 +8,16 @@ Measures, in one run (so the ratios are fair on a noisy machine):
        - "one":  candidates scored one at a time with full logits (universal triggers / AutoPrompt);
      with achieved GFLOP/s (useful FLOPs: body at every position + head at the last one) as a
      fraction of the peak;
-  3. one whole hard step (gradient + sampling/filter + scoring) for T in {1, 8, 32} targets.
-Issue #5 asks, at B = 256: "last" ≥ 70 % of peak and ≥ 4× the one-at-a-time rate.
+  3. one whole hard step (gradient + sampling/filter + scoring) for T in {1, 8, 32} targets;
+  4. prefix key/value reuse: candidates/s of the search's scoring (`HardSearch.score`, B = 256, L = 10)
+     with the fixed prefix run once per batch and its cache shared, against whole sequences, for a
+     1-token prefix (BOS) and a 20-token one (20 tokens of literal prefix text).
+Issue #5 asks, at B = 256: "last" ≥ 70 % of peak and ≥ 4× the one-at-a-time rate; issue #17 asks
+for ≥ 1.5× candidates/s from prefix reuse with a 20-token prefix.
 
     .venv/bin/python benchmarks/hard_step.py            # full run (several minutes on 2 cores)
     .venv/bin/python benchmarks/hard_step.py --quick    # smoke run (about a minute)
+    .venv/bin/python benchmarks/hard_step.py --prefix-only   # section 4 alone
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ import torch
 
 from dplib.lm import allowed_tokens, output_layer
 from dplib.models import load_model
-from dplib.optim.hard import HardConfig, HardSearch, _Chunker, _score
+from dplib.optim.hard import HardConfig, HardSearch
+from dplib.optim.scoring import Chunker, score_kl
 from dplib.targets import Targets, logits_width
 
 
@@ -71,12 +77,43 @@ def random_targets(model, T: int, seed: int = 0) -> Targets:
     return Targets.from_probs(torch.softmax(torch.randn(T, width, generator=g) * 3, -1))
 
 
+PREFIX_TEXT = ("You are a careful assistant. Read the instruction and answer with a single word"
+               " only, nothing else at all")
+
+
+def prefix_reuse(model, tokenizer, L: int, b: int, repeats: int, sync) -> None:
+    """Candidates/s of HardSearch.score with and without the shared prefix cache, 1- and 20-token prefixes."""
+    text_ids = tokenizer.encode(PREFIX_TEXT, add_special_tokens=False)
+    prefix20 = tokenizer.decode(text_ids[:20])  # literal prefix text: no BOS, 20 tokens
+    print(f"\nprefix key/value reuse, B = {b} candidates, L = {L} (+ the prefix)")
+    print(f"{'prefix tokens':>13} {'whole cand/s':>13} {'reuse cand/s':>13} {'reuse/whole':>12} {'max |ΔKL|':>10}")
+    targets = random_targets(model, 1)
+    for prefix in ("bos", prefix20):
+        search = HardSearch(model, tokenizer, targets, HardConfig(prompt_length=L, steps=1, prefix=prefix))
+        g = torch.Generator().manual_seed(1)
+        allowed = allowed_tokens(tokenizer, logits_width(model)).nonzero().flatten()
+        prompts = allowed[torch.randint(len(allowed), (b, L), generator=g)]
+        owner = torch.zeros(b, dtype=torch.long, device=search.device)
+        kls = {}
+
+        def timed(reuse: bool, search=search, prompts=prompts, owner=owner, kls=kls):
+            search.reuse = reuse
+            kls[reuse] = search.score(prompts, owner)[0].cpu()
+            sync()
+
+        t_whole, t_reuse = median_times([lambda timed=timed: timed(False), lambda timed=timed: timed(True)], repeats)
+        gap = float((kls[True] - kls[False]).abs().max())
+        print(f"{len(search.prefix_ids):>13} {b / t_whole:>13.1f} {b / t_reuse:>13.1f} {t_whole / t_reuse:>12.2f} "
+              f"{gap:>10.1e}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short smoke run")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--step-b", type=int, default=64, help="candidates per target in the whole-step timing")
+    ap.add_argument("--prefix-only", action="store_true", help="only section 4, prefix key/value reuse")
     args = ap.parse_args()
 
     L = 10
@@ -101,6 +138,9 @@ def main() -> None:
             ids = torch.cat([torch.full((n, 1), bos), ids], dim=1)
         return ids.to(device)
 
+    if args.prefix_only:
+        prefix_reuse(model, tokenizer, L, 64 if args.quick else 256, repeats, sync)
+        return
     peak = matmul_peak(4096 if device.type == "cuda" else 2048, repeats + 2)
     print(f"# {args.model} on {device} ({torch.get_num_threads()} threads), L = {L} (+BOS), "
           f"torch {torch.__version__}")
@@ -115,8 +155,8 @@ def main() -> None:
     neg_ent = torch.special.xlogy(p, p).sum(-1)
 
     def score_last(ids):
-        _score(model, head, ids, torch.zeros(len(ids), dtype=torch.long, device=device), p, neg_ent,
-               _Chunker(len(ids), "candidate"))
+        score_kl(model, head, ids, torch.zeros(len(ids), dtype=torch.long, device=device), p, neg_ent,
+               Chunker(len(ids), "candidate"))
         sync()
 
     def score_full(ids):
@@ -142,6 +182,8 @@ def main() -> None:
         gflops = r_last * fl_last / 1e9
         print(f"{b:>5} {r_last:>12.1f} {r_full:>12.1f} {r_last / r_full:>10.2f} {r_last / rate_one:>9.2f} "
               f"{gflops:>8.1f} {100 * gflops / peak:>6.1f}%")
+
+    prefix_reuse(model, tokenizer, L, 64 if args.quick else 256, repeats, sync)
 
     step_repeats = 1 if args.quick else 2  # a T = 32 step scores 2048 candidates: ~30 s on 2 cores
     print(f"\nwhole hard step, B = {args.step_b} candidates per target, top_k = 256 (steps timed: {step_repeats})")

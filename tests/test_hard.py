@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dplib import lm
-from dplib.optim import hard
+from dplib.optim import hard, scoring
 from dplib.optim.hard import HardConfig, optimize_hard, score_prompt_text
 from dplib.targets import TargetError, Targets, logits_width
 
@@ -48,6 +48,14 @@ def tiny_run(tiny):
     (dict(suffix=3), "suffix"),
     (dict(ascii_only="yes"), "ascii_only"),
     (dict(retokenize_filter=1), "retokenize_filter"),
+    (dict(n_swaps_end=3, prompt_length=2), "n_swaps_end"),
+    (dict(n_swaps_end=0), "n_swaps_end"),
+    (dict(copy_share=1.5), "copy_share"),
+    (dict(copy_share="all"), "copy_share"),
+    (dict(always_move=None), "always_move"),
+    (dict(restart_after=-1), "restart_after"),
+    (dict(buffer_size=0), "buffer_size"),
+    (dict(reuse_prefix="no"), "reuse_prefix"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -66,7 +74,7 @@ def test_config_is_plain_and_frozen():
 def test_wrong_width_rejected_before_compute(tiny, monkeypatch):
     model, tokenizer = tiny
     called = []
-    monkeypatch.setattr(hard, "_score_forward", lambda *a: called.append(1))
+    monkeypatch.setattr(scoring, "score_forward", lambda *a: called.append(1))
     monkeypatch.setattr(hard, "allowed_tokens", lambda *a, **k: called.append(1))
     narrow = Targets.from_probs(torch.full((2, len(tokenizer)), 1.0 / len(tokenizer)))  # 380 ≠ width 384
     with pytest.raises(TargetError, match="width"):
@@ -121,19 +129,32 @@ def test_result_shapes_and_meta(tiny_run, tiny):
     assert res.method == "hard" and res.target_ids == targets.ids
     assert res.prompt_ids.shape == (T, L) and len(res.prompt_text) == T
     assert res.logprobs.shape == (T, logits_width(tiny[0]))
-    assert res.trace.shape == (QUICK["steps"], T)
+    assert res.trace.shape == (QUICK["steps"] + 1, T)
     assert res.meta["is_bound"] is False and res.meta["config"]["prompt_length"] == L
     assert res.steps.tolist() == [QUICK["steps"]] * T
     df = res.to_frame()
     assert list(df["prompt_text"]) == res.prompt_text
 
 
-def test_search_improves_and_trace_is_monotone(tiny_run):
+def test_search_improves_and_kl_is_the_trace_minimum(tiny_run):
     _, res = tiny_run
     assert (res.kl <= res.initial_kl + 1e-6).all()
     assert (res.kl < res.initial_kl - 0.1).all()  # the search does real work on every target
-    assert (res.trace.diff(dim=0) <= 1e-6).all()  # the current prompt is always the best so far
-    torch.testing.assert_close(res.trace[-1], res.kl, atol=1e-5, rtol=0)
+    torch.testing.assert_close(res.trace[0], res.initial_kl)
+    torch.testing.assert_close(res.trace.min(dim=0).values, res.kl, atol=1e-4, rtol=0)
+
+
+def test_always_move_goes_uphill_and_descent_does_not(tiny):
+    """GCG's move: the search stands on each step's best candidate even when it is worse (so the trace
+    can rise), and returns the best prompt seen; always_move=False is a pure descent (monotone trace)."""
+    model, tokenizer = tiny
+    targets = random_targets(model, tokenizer, 4, seed=3)
+    cfg = dict(QUICK, steps=12, n_candidates=8, top_k=8)
+    moving = optimize_hard(model, tokenizer, targets, HardConfig(**cfg), progress=False)
+    assert (moving.trace.diff(dim=0) > 1e-6).any()
+    descent = optimize_hard(model, tokenizer, targets, HardConfig(**cfg, always_move=False), progress=False)
+    assert (descent.trace.diff(dim=0) <= 1e-6).all()
+    torch.testing.assert_close(descent.trace[-1], descent.kl, atol=1e-5, rtol=0)  # it stands on its best
 
 
 def test_logprobs_match_reported_kl(tiny_run):
@@ -160,6 +181,73 @@ def test_decoded_text_gives_reported_kl(fixture, prefix, suffix, request):
     frame = lm.prompt_frame(model, tokenizer, prefix, suffix)
     for ids, text in zip(res.prompt_ids.tolist(), res.prompt_text, strict=True):
         assert frame.encode(text) == frame.ids(ids)
+
+
+@pytest.mark.parametrize("proposals", [
+    dict(copy_share=1.0),  # every candidate places one of the target's own tokens
+    dict(always_move=False, copy_share=0.0),  # the pure descent of dplib ≤ 0.x
+    dict(restart_after=2, buffer_size=3),  # restarts from the buffer of best prompts
+    dict(n_swaps=3, n_swaps_end=1),  # more positions early, fewer late
+    dict(reuse_prefix=False),  # whole sequences, no prefix cache
+])
+def test_every_proposal_kind_is_exact(tiny, proposals):
+    """Whatever proposes the candidates, the reported KL is that of the returned text, re-tokenised and
+    run from scratch through the model's own forward (not dplib's fast path)."""
+    model, tokenizer = tiny
+    targets = random_targets(model, tokenizer, seed=5)
+    res = optimize_hard(model, tokenizer, targets, HardConfig(**{**QUICK, "steps": 8, **proposals}), progress=False)
+    for text, p, kl in zip(res.prompt_text, targets.probs, res.kl, strict=True):
+        ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer.encode(text, add_special_tokens=False)])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(input_ids=ids).logits[0, -1].float(), -1)
+        assert abs(float(lm.kl_from_logprobs(p[None], logprobs[None])[0]) - float(kl)) <= 1e-4
+    assert (res.kl < res.initial_kl).all()
+
+
+def test_copy_proposals_reach_a_token_the_model_copies(tiny):
+    """A one-token target that the tiny (tied-embedding) Llama produces when the token ends its prompt:
+    copy proposals reach it (KL < 0.1) within 5 steps; gradient proposals alone do not."""
+    model, tokenizer = tiny
+    (token,) = tokenizer.encode(" the", add_special_tokens=False)
+    probs = torch.zeros(1, logits_width(model))
+    probs[0, token] = 1.0
+    targets = Targets.from_probs(probs)
+    copied, _ = score_prompt_text(model, tokenizer, ["mement the"], targets)
+    assert copied[0] < 0.1  # the premise: the model copies the token from its context
+    cfg = dict(QUICK, steps=5)
+    assert optimize_hard(model, tokenizer, targets, HardConfig(**cfg), progress=False).kl[0] < 0.1
+    assert optimize_hard(model, tokenizer, targets, HardConfig(**cfg, copy_share=0.0), progress=False).kl[0] > 1.0
+
+
+@pytest.mark.parametrize("fixture, prefix", [
+    ("tiny", "bos"),
+    ("tiny", "Answer with one word. The word that comes next after this long prefix is"),
+    ("tiny_gemma", "Answer with one word. The word that comes next after this long prefix is"),  # sliding window
+])
+def test_prefix_cache_scores_like_whole_sequences(fixture, prefix, request):
+    """Candidates scored after the fixed prefix's key/value cache match whole sequences within 1e-5 nats."""
+    model, tokenizer = request.getfixturevalue(fixture)
+    targets = random_targets(model, tokenizer, 2, seed=7)
+    search = hard.HardSearch(model, tokenizer, targets, HardConfig(**QUICK, prefix=prefix))
+    assert search.reuse and len(search.prefix_ids) >= (1 if prefix == "bos" else 12)
+    g = torch.Generator().manual_seed(0)
+    allowed = lm.allowed_tokens(tokenizer, logits_width(model)).nonzero().flatten()
+    prompts = allowed[torch.randint(len(allowed), (40, QUICK["prompt_length"]), generator=g)]
+    owner = torch.arange(40) % 2
+    cached, _ = search.score(prompts, owner)
+    search.reuse = False
+    whole, _ = search.score(prompts, owner)
+    torch.testing.assert_close(cached, whole, atol=1e-5, rtol=0)
+
+
+def test_prefix_cache_that_disagrees_is_refused(tiny, monkeypatch):
+    """A model whose cached path differs from its whole-sequence forward fails loudly, saying what to set."""
+    model, tokenizer = tiny
+    real = lm.last_hidden_after
+    monkeypatch.setattr(lm, "last_hidden_after", lambda m, c, x: real(m, c, x) * 1.5)
+    with pytest.raises(lm.ModelStructureError, match="reuse_prefix=False"):
+        hard.HardSearch(model, tokenizer, random_targets(model, tokenizer, 1), HardConfig(**QUICK))
+    hard.HardSearch(model, tokenizer, random_targets(model, tokenizer, 1), HardConfig(**QUICK, reuse_prefix=False))
 
 
 def test_best_prompts_survive_retokenisation(tiny_run, tiny):
@@ -244,13 +332,27 @@ def test_batch_equals_separate_runs(tiny, tiny_run):
     torch.testing.assert_close(alone.kl[0], res.kl[1], atol=1e-5, rtol=0)
 
 
+def test_restarts_and_swap_schedule_are_seeded_per_target(tiny):
+    """Restarts draw from each target's own generator: same seed → same result, and a target searched
+    alone finds what it finds in a batch."""
+    model, tokenizer = tiny
+    targets = random_targets(model, tokenizer, 3, seed=11)
+    cfg = HardConfig(**{**QUICK, "steps": 10}, n_swaps=3, n_swaps_end=1, restart_after=2, buffer_size=4)
+    a = optimize_hard(model, tokenizer, targets, cfg, progress=False)
+    b = optimize_hard(model, tokenizer, targets, cfg, progress=False)
+    assert torch.equal(a.prompt_ids, b.prompt_ids) and torch.equal(a.trace, b.trace)
+    assert a.meta["n_restarts"] > 0  # the path under test was taken
+    alone = optimize_hard(model, tokenizer, targets[[2]], cfg, progress=False)
+    assert torch.equal(alone.prompt_ids[0], a.prompt_ids[2])
+
+
 def test_patience_stops_targets(tiny):
     model, tokenizer = tiny
     cfg = HardConfig(**{**QUICK, "steps": 40, "patience": 2, "n_candidates": 4, "top_k": 4})
     res = optimize_hard(model, tokenizer, random_targets(model, tokenizer, 3), cfg, progress=False)
     assert (res.steps < 40).any()
     for t, n in enumerate(res.steps.tolist()):
-        assert not res.trace[:n, t].isnan().any() and res.trace[n:, t].isnan().all()
+        assert not res.trace[:n + 1, t].isnan().any() and res.trace[n + 1:, t].isnan().all()  # row 0: initial
 
 
 # ------------------------------------------------------------------ out-of-memory back-off
@@ -260,18 +362,18 @@ def test_patience_stops_targets(tiny):
 def test_oom_backoff_gives_same_result(tiny, tiny_run, monkeypatch, caplog, error):
     model, tokenizer = tiny
     targets, res = tiny_run
-    real = hard._score_forward
+    real = scoring.score_forward
     sizes = []
 
-    def flaky(model, head, ids):
+    def flaky(model, head, ids, context_ids=None):
         sizes.append(len(ids))
         if len(ids) > 10:
             if error == "torch":
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
             raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried... out of memory")
-        return real(model, head, ids)
+        return real(model, head, ids, context_ids)
 
-    monkeypatch.setattr(hard, "_score_forward", flaky)
+    monkeypatch.setattr(scoring, "score_forward", flaky)
     backed = optimize_hard(model, tokenizer, targets, HardConfig(**QUICK, candidate_batch=64), progress=False)
     assert backed.meta["candidate_batch"] == 8  # 64 → 32 → 16 → 8, then kept
     assert sum(n > 8 for n in sizes) == 3  # each failing size tried once; never retried on later steps
@@ -286,7 +388,7 @@ def test_other_errors_are_not_swallowed(tiny, monkeypatch):
     def broken(*a):
         raise RuntimeError("shape mismatch")
 
-    monkeypatch.setattr(hard, "_score_forward", broken)
+    monkeypatch.setattr(scoring, "score_forward", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         optimize_hard(model, tokenizer, random_targets(model, tokenizer, 1), HardConfig(**QUICK), progress=False)
 

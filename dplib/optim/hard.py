@@ -1,35 +1,46 @@
 """Hard prompts: L real tokens found by gradient-guided coordinate search, toward full distributions.
 
-The HotFlip / AutoPrompt / GCG family, batched over T targets. One step, for every target still
-running:
+The HotFlip / AutoPrompt / GCG family, batched over T targets. Each target's search stands on one
+prompt (`current`) and keeps the best prompt it has seen (`best`, what is returned). One step, for
+every target still running:
 
 1. **Rank replacements by the gradient.** The KL of all T targets is summed and differentiated in
-   one backward pass with respect to the prompt's input embeddings (T, L, d_model); multiplying by
-   the embedding matrix, `grad @ Eᵀ`, gives the gradient with respect to the one-hot token matrix
-   (T, L, vocab) — the same numbers as differentiating a one-hot matmul, and 10-24 % faster on CPU.
-   Disallowed tokens (special tokens, padding rows, optionally non-ASCII) are masked out; the
-   `top_k` most negative entries per position are the replacement candidates.
-2. **Sample B candidates per target**: each swaps `n_swaps` distinct random positions to random
-   tokens from those positions' top-k (each target draws from its own seeded generator, derived
-   from (seed, target_id), so a target's search does not depend on which others share its batch).
+   one backward pass with respect to the current prompts' input embeddings (T, L, d_model);
+   multiplying by the embedding matrix, `grad @ Eᵀ`, gives the gradient with respect to the one-hot
+   token matrix (T, L, vocab) — the same numbers as differentiating a one-hot matmul, and 10-24 %
+   faster on CPU. Disallowed tokens (special tokens, padding rows, optionally non-ASCII) are masked
+   out; the `top_k` most negative entries per position are the replacement candidates.
+2. **Propose B candidates per target**: each swaps `n_swaps` distinct random positions (a count that
+   can fall linearly to `n_swaps_end` over the steps: explore early, refine late) to random tokens
+   from those positions' top-k. A share `copy_share` of them instead puts, at its first swapped
+   position, a token drawn from the *target itself* (with the target's probabilities): LMs copy
+   from their context, and a first-order ranking of 49k tokens rarely ranks the target's own tokens
+   first. Each target draws from its own seeded generator, derived from (seed, target_id), so a
+   target's search does not depend on which others share its batch.
 3. **Filter** (`retokenize_filter`, on by default): a candidate survives only if its decoded text
    re-tokenises to exactly its ids — on its own *and* joined with the prefix and suffix text — so
    the reported prompt text means what the optimiser scored. Duplicates are dropped.
-4. **Score every surviving candidate exactly**, all targets' candidates together, in batched
-   forward passes that read the last position only (`lm.last_hidden` + the output layer as one
-   2-D matmul; never full-sequence logits). Batches are `candidate_batch` sequences at most and
-   halve automatically when memory runs out (the smaller size is kept for later steps).
-5. Each target keeps its best candidate when it lowers the target's current KL; a target that has
-   not improved for `patience` steps stops and is no longer scored.
+4. **Score every surviving candidate exactly** (`optim.scoring`), all targets' candidates together,
+   in batched forward passes that read the last position only. The fixed prefix (BOS, a literal
+   prefix, the chat template) is run once per batch and its key/value cache shared by every
+   candidate (`reuse_prefix`; checked against whole sequences when the search starts). Batches are
+   `candidate_batch` sequences at most and halve automatically when memory runs out.
+5. **Move** (`always_move`, as GCG): the search stands on the step's best candidate even when it is
+   worse than the current prompt — a pure descent (always_move=False) stops at the first prompt no
+   single swap improves. With `restart_after`, a target that has found no new best for that many
+   steps restarts from one of its `buffer_size` best prompts seen. A target that has found no new
+   best for `patience` steps stops and is no longer scored.
 
 How a prompt is tokenised is `lm.PromptFrame`'s one rule (the contract `score_prompt_text` checks
 from scratch): ids = [BOS if prefix == "bos"] + encode(prefix_text + prompt_text + suffix); with
 prefix "chat" the prefix and suffix text are the chat template's rendering around the user message
 (`lm.chat_frame`), so the prompt is what the user says and the target is the assistant's first token.
-`init_text` starts the search from given text (e.g. the best hand-written instruction, one per target)
-instead of random tokens; with prompt_length=None, L is that text's token count. The
-optimiser works on the segments `[BOS] + encode(prefix_text)`, the L prompt ids and `encode(suffix)`;
-the filter guarantees that the whole-string tokenisation equals that concatenation, so the decoded
+`init_text` starts the search from given text (e.g. the best hand-written instruction, one per target,
+or a soft prompt's nearest tokens: `init_text=tuple(soft.prompt_text)` where every projection
+re-tokenises to itself) instead of random tokens; with prompt_length=None, L is that text's token
+count (`optim.hard_init`). The optimiser works on the segments `[BOS] + encode(prefix_text)`, the L
+prompt ids and `encode(suffix)`; the filter guarantees that the whole-string tokenisation equals that
+concatenation, and the returned prompts are re-scored as whole sequences, so the decoded
 `prompt_text` run through the model from scratch gives the reported KL (up to float noise of
 batching, ≪ 1e-4). With the filter off, a prompt whose text does not re-tokenise to its ids is
 reported with `prompt_text` None.
@@ -38,184 +49,24 @@ reported with `prompt_text` None.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from .. import lm
-from ..lm import (
-    OutputLayer,
-    PromptFrame,
-    allowed_tokens,
-    embed,
-    last_hidden,
-    logits_width,
-    output_layer,
-)
+from ..lm import allowed_tokens, embed, last_hidden, logits_width, output_layer
 from ..seeds import derive_seed, generator
 from ..targets import Targets
 from .common import BestTracker, Result
-
-log = logging.getLogger(__name__)
+from .hard_config import HardConfig
+from .hard_init import initial_prompts, resolve_length
+from .scoring import Chunker, score_kl, score_prompt_text
 
 __all__ = ["HardConfig", "HardSearch", "optimize_hard", "resolve_length", "score_prompt_text"]
 
-
-# --------------------------------------------------------------------------------------------
-# Configuration.
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class HardConfig:
-    """Every knob of `optimize_hard`, as plain values (written to run metadata as is)."""
-
-    prompt_length: int | None = 10  # L, tokens in the optimised prompt (default 10); None = init_text's token count
-    steps: int = 100  # maximum search steps per target (default 100)
-    top_k: int = 256  # replacement tokens per position ranked by the gradient (default 256)
-    n_candidates: int = 256  # B, candidate prompts scored per target per step (default 256)
-    n_swaps: int = 1  # positions changed per candidate, ≤ prompt_length (default 1, as in GCG)
-    # initial prompt text, or a tuple of one text per target (e.g. hand-written instructions to improve);
-    # each must tokenise to exactly L tokens (prompt_length=None: L is their token count); None = random tokens
-    init_text: str | tuple[str, ...] | None = None
-    # fixed text before the prompt: "bos" = the BOS token (nothing if the tokenizer has none), "chat" = the
-    # prompt is the user message of the tokenizer's chat template (lm.chat_frame), "" = none, else literal text
-    prefix: str = "bos"
-    suffix: str = ""  # fixed text after the prompt (with prefix "chat": the rest of the user message) (default none)
-    ascii_only: bool = False  # restrict prompt tokens to printable ASCII text (default False)
-    retokenize_filter: bool = True  # keep only candidates whose text re-tokenises to the same ids (default True)
-    patience: int = 20  # stop a target after this many steps without improvement; 0 = never (default 20)
-    seed: int = 0  # base seed; each target's generator derives from (seed, target_id) (default 0)
-    candidate_batch: int = 512  # max sequences per forward pass; halves on out-of-memory (default 512)
-
-    def __post_init__(self):
-        def need(ok: bool, msg: str):
-            if not ok:
-                raise ValueError(f"HardConfig: {msg}")
-
-        if isinstance(self.init_text, list):  # a JSON round trip gives a list: keep the frozen form
-            object.__setattr__(self, "init_text", tuple(self.init_text))
-        texts = (self.init_text,) if isinstance(self.init_text, str) else self.init_text or ()
-        need(self.init_text is None or (isinstance(self.init_text, (str, tuple)) and len(texts) > 0
-                                        and all(isinstance(t, str) and t != "" for t in texts)),
-             f"init_text must be None (random tokens), non-empty text, or a tuple of non-empty texts (one per "
-             f"target), got {self.init_text!r}.")
-        need(self.prompt_length is not None or self.init_text is not None,
-             "prompt_length=None takes L from init_text's token count; give init_text, or an integer prompt_length.")
-        for name in ("prompt_length", "steps", "top_k", "n_candidates", "n_swaps", "candidate_batch"):
-            value = getattr(self, name)
-            if name == "prompt_length" and value is None:
-                continue
-            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                 f"{name} must be an integer ≥ 1, got {value!r}.")
-        need(isinstance(self.patience, int) and not isinstance(self.patience, bool) and self.patience >= 0,
-             f"patience must be an integer ≥ 0 (0 = never stop early), got {self.patience!r}.")
-        need(isinstance(self.seed, int) and not isinstance(self.seed, bool), f"seed must be an integer, got {self.seed!r}.")
-        need(self.prompt_length is None or self.n_swaps <= self.prompt_length,
-             f"n_swaps={self.n_swaps} exceeds prompt_length={self.prompt_length}; use n_swaps ≤ prompt_length.")
-        need(isinstance(self.prefix, str),
-             f"prefix must be a string: 'bos' (the BOS token), '' (none) or literal text; got {self.prefix!r}.")
-        need(isinstance(self.suffix, str), f"suffix must be a string ('' for none), got {self.suffix!r}.")
-        for name in ("ascii_only", "retokenize_filter"):
-            need(isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}.")
-
-
-# --------------------------------------------------------------------------------------------
-# Batched exact scoring, with out-of-memory back-off.
-# --------------------------------------------------------------------------------------------
-
-
-def _is_oom(err: BaseException) -> bool:
-    oom = getattr(torch, "OutOfMemoryError", None)
-    return (oom is not None and isinstance(err, oom)) or (
-        isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
-
-
-class _Chunker:
-    """Runs `fn(start, stop)` over [0, n) in chunks of at most `size`, halving `size` on OOM.
-
-    The size is state: once halved it stays halved, so later steps do not retry a size that failed.
-    """
-
-    def __init__(self, size: int, what: str):
-        self.size, self.what = size, what
-
-    def run(self, n: int, fn: Callable[[int, int], None]) -> None:
-        start = 0
-        while start < n:
-            stop = min(n, start + self.size)
-            try:
-                fn(start, stop)
-            except Exception as err:  # noqa: BLE001 - only OOM is handled, everything else re-raised
-                if not _is_oom(err) or self.size == 1:
-                    raise
-                self.size = max(1, self.size // 2)
-                log.warning("out of memory on a %s batch of %d: retrying with batches of %d",
-                            self.what, stop - start, self.size)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                continue
-            start = stop
-
-
-def _score_forward(model, head: OutputLayer, ids: Tensor) -> Tensor:
-    """(batch, n) token ids → (batch, vocab) float32 next-token log-probabilities, last position only."""
-    return torch.log_softmax(head.logits(last_hidden(model, embed(model, ids))), dim=-1)
-
-
-def _score(model, head: OutputLayer, ids: Tensor, owner: Tensor, target_probs: Tensor, neg_entropy: Tensor,
-           chunker: _Chunker, keep_logprobs: bool = False) -> tuple[Tensor, Tensor | None]:
-    """KL(target[owner[i]] ‖ model(ids[i])) for every row of ids (N, n); chunked, no grad.
-
-    Returns (N,) float32 KL on ids' device and, if asked, the (N, vocab) log-probabilities.
-    """
-    kl = torch.empty(len(ids), dtype=torch.float32, device=ids.device)
-    out = torch.empty(len(ids), target_probs.shape[1], device=ids.device) if keep_logprobs else None
-
-    def chunk(a: int, b: int) -> None:
-        logprobs = _score_forward(model, head, ids[a:b])
-        rows = owner[a:b]
-        kl[a:b] = neg_entropy[rows] - (target_probs[rows] * logprobs).sum(-1)
-        if out is not None:
-            out[a:b] = logprobs
-
-    with torch.no_grad():
-        chunker.run(len(ids), chunk)
-    return kl, out
-
-
-def score_prompt_text(model, tokenizer, texts: Sequence[str], targets: Targets, *, prefix: str = "bos",
-               suffix: str = "") -> tuple[Tensor, Tensor]:
-    """Score prompt TEXTS from scratch: tokenise each as the prompt frame does, run the model, compare.
-
-    texts: T prompt texts, one per target (e.g. `Result.prompt_text`, or hand-written instructions).
-    prefix, suffix: as in HardConfig (pass the config's values; prefix "chat" places each text as the
-        user message of the chat template, so this scores instructions as an instruct model meets them).
-    Returns (kl (T,) float32 nats, logprobs (T, vocab) float32), on CPU. Each text is run on its
-    own (batch of one, no padding), so this is an independent check of what an optimiser reported.
-    """
-    targets.check_width(model)
-    lm.check(model)
-    if len(texts) != len(targets):
-        raise ValueError(f"got {len(texts)} texts for {len(targets)} targets; pass one text per target.")
-    frame = lm.prompt_frame(model, tokenizer, prefix, suffix)
-    device = next(model.parameters()).device
-    head = output_layer(model)
-    kls, rows = [], []
-    with torch.no_grad():
-        for i, text in enumerate(texts):
-            ids = torch.tensor([frame.encode(text)], device=device)
-            logprobs = _score_forward(model, head, ids)[0].cpu()
-            p = targets.probs[i].float().cpu()
-            kls.append((torch.special.xlogy(p, p) - p * logprobs).sum())
-            rows.append(logprobs)
-    return torch.stack(kls), torch.stack(rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,97 +98,37 @@ def _token_gradient(model, head, fmt_ids: tuple[Tensor, Tensor], prompt_ids: Ten
     return onehot_grad, kl.detach()
 
 
-def _sample_candidates(top: Tensor, current: Tensor, n: int, n_swaps: int, gen: torch.Generator) -> Tensor:
+def _sample_candidates(top: Tensor, current: Tensor, n: int, n_swaps: int, gen: torch.Generator,
+                       copy_probs: Tensor | None = None, n_copy: int = 0) -> Tensor:
     """n candidates from one prompt: swap n_swaps distinct positions to tokens from their top-k.
 
-    top: (L, k) replacement tokens per position (CPU); current: (L,). Returns (n, L) ids (CPU).
+    top: (L, k) replacement tokens per position (CPU); current: (L,). With copy_probs (vocab,) (the
+    target's probabilities over allowed tokens), the first n_copy candidates' first swapped position
+    takes a token drawn from copy_probs instead. Returns (n, L) ids (CPU).
     """
     L, k = top.shape
     pos = torch.rand(n, L, generator=gen).argsort(dim=1)[:, :n_swaps]  # distinct positions per candidate
     pick = torch.randint(k, (n, n_swaps), generator=gen)
+    tokens = top[pos, pick]
+    if n_copy and copy_probs is not None:
+        tokens[:n_copy, 0] = torch.multinomial(copy_probs, n_copy, replacement=True, generator=gen)
     cands = current.unsqueeze(0).repeat(n, 1)
-    cands.scatter_(1, pos, top[pos, pick])
+    cands.scatter_(1, pos, tokens)
     return cands
 
 
-def _random_prompt(tokenizer, frame: PromptFrame, allowed_ids: Tensor, L: int, check: bool,
-                   gen: torch.Generator, tries: int = 200) -> list[int]:
-    """L random allowed tokens; with `check`, built token by token so that it survives re-tokenisation."""
-    bare = PromptFrame((), "", "", (), (), None, tokenizer)  # the prompt alone, no frame
-    for _ in range(tries):
-        ids: list[int] = []
-        for _ in range(L):
-            for _ in range(50):
-                tok = int(allowed_ids[torch.randint(len(allowed_ids), (1,), generator=gen)])
-                if not check or bare.text_reproduces([ids + [tok]])[0][0]:
-                    break
-            ids.append(tok)
-        if not check or frame.text_reproduces([ids])[0][0]:
-            return ids
-    raise RuntimeError(f"could not draw a random prompt of {L} tokens that survives re-tokenisation in "
-                       f"{tries} tries; set init_text, or retokenize_filter=False.")
 
-
-def _init_texts(config: HardConfig, n_targets: int) -> list[str] | None:
-    """init_text as one text per target (a single text is shared by all), or None for random prompts."""
-    if config.init_text is None:
-        return None
-    if isinstance(config.init_text, str):
-        return [config.init_text] * n_targets
-    if len(config.init_text) != n_targets:
-        raise ValueError(f"init_text holds {len(config.init_text)} texts for {n_targets} targets; give one text per "
-                         "target (in the targets' order), or a single text for all.")
-    return list(config.init_text)
-
-
-def resolve_length(tokenizer, config: HardConfig, n_targets: int) -> HardConfig:
-    """The config with prompt_length set: with prompt_length=None, L is the token count of init_text (every
-    target's text must have the same count: a batch shares one L; `dplib.proposers.warm_started_hard`
-    groups texts of different lengths into separate runs)."""
-    if config.prompt_length is not None:
-        return config
-    texts = _init_texts(config, n_targets)
-    lengths = {len(tokenizer.encode(t, add_special_tokens=False)) for t in texts}
-    if len(lengths) != 1:
-        raise ValueError(f"prompt_length=None but the init texts tokenise to different lengths {sorted(lengths)}; "
-                         "one search runs one L: run texts of each length separately "
-                         "(dplib.proposers.warm_started_hard does), or set prompt_length.")
-    L = lengths.pop()
-    if config.n_swaps > L:
-        raise ValueError(f"n_swaps={config.n_swaps} exceeds the init texts' length L={L}; use n_swaps ≤ {L}.")
-    return dataclasses.replace(config, prompt_length=L)
-
-
-def _initial_prompts(tokenizer, frame: PromptFrame, config: HardConfig, allowed: Tensor,
-                     gens: list[torch.Generator]) -> list[list[int]]:
-    L = config.prompt_length
-    texts = _init_texts(config, len(gens))
-    if texts is None:
-        allowed_ids = allowed.nonzero().flatten().cpu()
-        return [_random_prompt(tokenizer, frame, allowed_ids, L, config.retokenize_filter, g) for g in gens]
-    prompts = []
-    for text in texts:
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        if len(ids) != L:
-            raise ValueError(f"init_text={text!r} tokenises to {len(ids)} tokens but prompt_length={L}; "
-                             f"set prompt_length={len(ids)} (or None: the text's token count) or change the text.")
-        bad = [i for i in ids if not allowed[i]]
-        if bad:
-            raise ValueError(f"init_text={text!r} contains disallowed tokens {tokenizer.convert_ids_to_tokens(bad)} "
-                             "(special tokens, or non-ASCII with ascii_only=True); change the text.")
-        if config.retokenize_filter and not frame.text_reproduces([ids])[0][0]:
-            raise ValueError(f"init_text={text!r} does not re-tokenise to the same ids when joined with the "
-                             "prefix/suffix; change it (e.g. spacing at the boundaries) or set retokenize_filter=False.")
-        prompts.append(list(ids))
-    return prompts
+# Largest |KL after the prefix cache − KL of whole sequences| (nats) accepted when a search starts, for
+# float32/64 weights and for 16-bit weights (whose rounding differs between the two orders of work).
+REUSE_TOLERANCE = {False: 1e-3, True: 5e-2}
 
 
 class HardSearch:
-    """The state of one batched search: current prompts, their KL, the tracker, the chunk sizes.
+    """The state of one batched search: current and best prompts, their KL, the tracker, the chunk sizes.
 
-    `optimize_hard` is `HardSearch(...)` then `step()` until done, then `result()`; the benchmark
-    times `step()` on its own. `timings` accumulates seconds per phase ("gradient", "sample",
-    "score") over all steps.
+    `optimize_hard` is `HardSearch(...)` then `step()` until done, then `result()`; the benchmarks
+    drive `step()` themselves. `timings` accumulates seconds per phase ("gradient", "sample",
+    "score") over all steps; `n_scored` counts candidates scored (forward passes, one sequence each).
     """
 
     def __init__(self, model, tokenizer, targets: Targets, config: HardConfig):
@@ -356,30 +147,55 @@ class HardSearch:
         if config.top_k > n_allowed:
             raise ValueError(f"top_k={config.top_k} exceeds the {n_allowed} allowed tokens; lower top_k.")
         self.gens = [generator(derive_seed(config.seed, tid, "hard")) for tid in targets.ids]
-        # (T, L) current = best prompt of each target, on CPU
-        self.current = torch.tensor(_initial_prompts(tokenizer, frame, config, allowed, self.gens), dtype=torch.long)
+        # (T, L) the prompt each target's search stands on, on CPU; `best` the best seen (what is returned)
+        self.current = torch.tensor(initial_prompts(tokenizer, frame, config, allowed, self.gens), dtype=torch.long)
+        self.best = self.current.clone()
 
         self.head = output_layer(model)
         self.emb_weight, self.emb_scale = lm.embedding_matrix(model, self.current[0].to(device))
         self.disallowed = (~allowed).to(device)
         self.target_probs = targets.probs.to(device=device, dtype=torch.float32)
         self.neg_entropy = torch.special.xlogy(self.target_probs, self.target_probs).sum(-1)  # (T,) Σ p log p
+        # (T, vocab) each target's own allowed tokens with its probabilities, for copy proposals (None: no mass)
+        copy = targets.probs.float().cpu() * allowed.cpu()
+        self.copy_probs = [row if float(row.sum()) > 0 else None for row in copy]
         self.prefix_ids = torch.tensor(frame.prefix_ids, dtype=torch.long, device=device)
         self.suffix_ids = torch.tensor(frame.suffix_ids, dtype=torch.long, device=device)
 
-        self.scorer = _Chunker(config.candidate_batch, "candidate")
-        self.grad_chunker = _Chunker(config.candidate_batch, "gradient")
+        self.scorer = Chunker(config.candidate_batch, "candidate")
+        self.grad_chunker = Chunker(config.candidate_batch, "gradient")
         self.every = torch.arange(T, device=device)
-        kl, _ = _score(model, self.head, self.full(self.current), self.every, self.target_probs,
+        kl, _ = score_kl(model, self.head, self.full(self.current), self.every, self.target_probs,
                        self.neg_entropy, self.scorer)
         self.current_kl = kl.cpu()
         self.initial_kl = self.current_kl.clone()
+        self.reuse = config.reuse_prefix and len(self.prefix_ids) > 0
+        if self.reuse:
+            self._check_reuse()
         self.tracker = BestTracker(T, patience=config.patience)
         self.tracker.best = self.initial_kl.clone()
-        self.trace: list[Tensor] = []
+        self.stale = torch.zeros(T, dtype=torch.long)  # steps since each target's last new best
+        self.buffer: list[dict[tuple[int, ...], float]] = [{tuple(p): float(k)} for p, k in
+                                                           zip(self.current.tolist(), self.current_kl, strict=True)]
+        self.trace: list[Tensor] = [self.initial_kl.clone()]
         self.n_scored = 0
         self.n_steps = 0
+        self.n_restarts = 0
         self.timings = {"gradient": 0.0, "sample": 0.0, "score": 0.0}
+
+    def _check_reuse(self) -> None:
+        """Score the initial prompts after the shared prefix cache too; refuse a model where it disagrees."""
+        try:
+            kl, _ = self.score(self.current, self.every)
+        except Exception as err:  # noqa: BLE001 - re-raised with what to do
+            raise lm.ModelStructureError(
+                f"{type(self.model).__name__}: scoring after a shared prefix key/value cache failed ({err!r}); "
+                "set HardConfig(reuse_prefix=False) to score whole sequences.") from err
+        gap = float((kl.cpu() - self.initial_kl).abs().max())
+        if gap > REUSE_TOLERANCE[self.emb_weight.dtype in (torch.float16, torch.bfloat16)]:
+            raise lm.ModelStructureError(
+                f"{type(self.model).__name__}: KL after a shared prefix key/value cache differs from whole "
+                f"sequences by {gap:.2e} nats; set HardConfig(reuse_prefix=False) to score whole sequences.")
 
     def full(self, prompt_ids: Tensor) -> Tensor:
         """(N, L) prompt ids → (N, P + L + S) model input ids on the model's device."""
@@ -387,9 +203,26 @@ class HardSearch:
         return torch.cat([self.prefix_ids.expand(n, -1), prompt_ids.to(self.device),
                           self.suffix_ids.expand(n, -1)], dim=1)
 
+    def score(self, prompt_ids: Tensor, owner: Tensor) -> tuple[Tensor, None]:
+        """(N, L) prompts, (N,) target index of each → (N,) KL on the device; after the prefix cache if reused."""
+        if not self.reuse:
+            return score_kl(self.model, self.head, self.full(prompt_ids), owner, self.target_probs,
+                          self.neg_entropy, self.scorer)
+        rest = torch.cat([prompt_ids.to(self.device), self.suffix_ids.expand(len(prompt_ids), -1)], dim=1)
+        return score_kl(self.model, self.head, rest, owner, self.target_probs, self.neg_entropy, self.scorer,
+                      context_ids=self.prefix_ids)
+
     @property
     def done(self) -> bool:
         return self.tracker.done or self.n_steps >= self.config.steps
+
+    def n_swaps(self) -> int:
+        """Positions changed per candidate at this step: n_swaps at the first, n_swaps_end at the last."""
+        cfg = self.config
+        if cfg.n_swaps_end is None or cfg.steps == 1:
+            return cfg.n_swaps
+        frac = min(1.0, self.n_steps / (cfg.steps - 1))
+        return max(1, round(cfg.n_swaps + (cfg.n_swaps_end - cfg.n_swaps) * frac))
 
     def top_tokens(self, active: Tensor) -> Tensor:
         """(A,) active target indices → (A, L, top_k) replacement tokens ranked by the gradient (CPU)."""
@@ -412,9 +245,11 @@ class HardSearch:
     def candidates(self, active: Tensor, top: Tensor) -> tuple[Tensor, Tensor]:
         """B sampled, deduplicated, filtered candidates per active target: ids (N, L), owner (N,), CPU."""
         cfg = self.config
+        swaps, n_copy = self.n_swaps(), round(cfg.copy_share * cfg.n_candidates)
         cand_rows, owners = [], []
         for j, t in enumerate(active.tolist()):
-            cands = _sample_candidates(top[j], self.current[t], cfg.n_candidates, cfg.n_swaps, self.gens[t])
+            cands = _sample_candidates(top[j], self.current[t], cfg.n_candidates, swaps, self.gens[t],
+                                       self.copy_probs[t], n_copy)
             cands = torch.unique(cands, dim=0)  # sorted: the order is a function of the set alone
             if cfg.retokenize_filter:
                 ok, _ = self.frame.text_reproduces(cands.tolist())
@@ -423,9 +258,27 @@ class HardSearch:
             owners.append(torch.full((len(cands),), t, dtype=torch.long))
         return torch.cat(cand_rows), torch.cat(owners)
 
+    def _remember(self, t: int, cands: Tensor, kl: Tensor) -> None:
+        """Keep target t's `buffer_size` best distinct prompts seen, for restarts."""
+        buf = self.buffer[t]
+        keep = kl.argsort()[: self.config.buffer_size]
+        for i in keep.tolist():
+            buf[tuple(cands[i].tolist())] = float(kl[i])
+        if len(buf) > self.config.buffer_size:
+            self.buffer[t] = dict(sorted(buf.items(), key=lambda kv: kv[1])[: self.config.buffer_size])
+
+    def _restart(self, t: int) -> None:
+        """Move target t's search to a prompt drawn at random from its buffer of best prompts."""
+        entries = list(self.buffer[t].items())
+        ids, kl = entries[int(torch.randint(len(entries), (1,), generator=self.gens[t]))]
+        self.current[t] = torch.tensor(ids, dtype=torch.long)
+        self.current_kl[t] = kl
+        self.stale[t] = 0
+        self.n_restarts += 1
+
     def step(self) -> None:
         """One search step for every active target."""
-        T = len(self.targets)
+        cfg, T = self.config, len(self.targets)
         active = self.tracker.active.nonzero().flatten()
         tic = time.perf_counter()
         top = self.top_tokens(active)
@@ -433,30 +286,42 @@ class HardSearch:
         cand_ids, owner = self.candidates(active, top)
         toc = time.perf_counter()
         if len(cand_ids):
-            kl, _ = _score(self.model, self.head, self.full(cand_ids), owner.to(self.device),
-                           self.target_probs, self.neg_entropy, self.scorer)
+            kl, _ = self.score(cand_ids, owner.to(self.device))
             kl = kl.cpu()
             self.n_scored += len(cand_ids)
-            best_kl = torch.full((T,), math.inf).scatter_reduce(0, owner, kl, reduce="amin")
-            for t in active.tolist():  # keep the best candidate where it improves on the current prompt
-                if best_kl[t] < self.current_kl[t]:
-                    i = int(torch.nonzero((owner == t) & (kl == best_kl[t]))[0])
-                    self.current[t], self.current_kl[t] = cand_ids[i], best_kl[t]
+            for t in active.tolist():
+                mine = (owner == t).nonzero().flatten()
+                if not len(mine):
+                    continue
+                i = int(mine[kl[mine].argmin()])
+                if cfg.always_move or kl[i] < self.current_kl[t]:
+                    self.current[t], self.current_kl[t] = cand_ids[i], kl[i]
+                if cfg.restart_after:
+                    self._remember(t, cand_ids[mine], kl[mine])
         self.timings["gradient"] += tac - tic
         self.timings["sample"] += toc - tac
         self.timings["score"] += time.perf_counter() - toc
         step_kl = torch.full((T,), math.inf)
         step_kl[active] = self.current_kl[active]
         self.trace.append(torch.where(self.tracker.active, self.current_kl, torch.full((T,), math.nan)))
-        self.tracker.update(step_kl, self.n_steps)
+        improved = self.tracker.update(step_kl, self.n_steps)
+        self.best[improved] = self.current[improved]
+        self.stale = torch.where(improved, torch.zeros_like(self.stale), self.stale + 1)
+        if cfg.restart_after:
+            for t in (self.tracker.active & (self.stale >= cfg.restart_after)).nonzero().flatten().tolist():
+                self._restart(t)
         self.n_steps += 1
 
+    @property
+    def best_kl(self) -> Tensor:
+        """(T,) each target's best KL so far, nats."""
+        return self.tracker.best
+
     def result(self) -> Result:
-        """The Result; KL and log-probs from one final exact forward pass of the best prompts."""
-        kl, logprobs = _score(self.model, self.head, self.full(self.current), self.every, self.target_probs,
+        """The Result; KL and log-probs from one final exact forward pass of the best prompts (whole sequences)."""
+        kl, logprobs = score_kl(self.model, self.head, self.full(self.best), self.every, self.target_probs,
                               self.neg_entropy, self.scorer, keep_logprobs=True)
-        T = len(self.targets)
-        exact, texts = self.frame.text_reproduces(self.current.tolist())  # all True with retokenize_filter
+        exact, texts = self.frame.text_reproduces(self.best.tolist())  # all True with retokenize_filter
         return Result(
             method="hard",
             target_ids=self.targets.ids,
@@ -464,13 +329,13 @@ class HardSearch:
             initial_kl=self.initial_kl,
             logprobs=logprobs.cpu(),
             steps=self.tracker.steps.clone(),
-            trace=torch.stack(self.trace) if self.trace else torch.empty(0, T),
+            trace=torch.stack(self.trace),
             wall_s=time.perf_counter() - self.t0,
-            prompt_ids=self.current.clone(),
+            prompt_ids=self.best.clone(),
             prompt_text=[t if ok else None for t, ok in zip(texts, exact, strict=True)],
             meta={"config": dataclasses.asdict(self.config), "is_bound": False,
                   "candidate_batch": self.scorer.size, "n_scored": self.n_scored,
-                  "timings_s": dict(self.timings)},
+                  "n_restarts": self.n_restarts, "timings_s": dict(self.timings)},
         )
 
 
@@ -486,9 +351,11 @@ def optimize_hard(model, tokenizer, targets: Targets, config: HardConfig | None 
     (nats); returning True stops the search, which returns the best prompts so far.
     Returns a Result with method "hard": prompt_ids (T, L) best tokens, prompt_text (T decoded
     prompts; with the filter on, each re-tokenises to its ids), kl (T,) best KL in nats,
-    initial_kl (T,), logprobs (T, vocab) at the best prompt, steps (T,), trace (n_steps, T) current
-    KL after each step (NaN once stopped), meta {"config", "is_bound": False, "candidate_batch"
-    (the final, possibly backed-off, chunk size), "n_scored" (candidates scored), "timings_s"}.
+    initial_kl (T,), logprobs (T, vocab) at the best prompt, steps (T,), trace (n_steps + 1, T) the KL
+    of the prompt the search stands on: row 0 the initial prompt, row s after step s (NaN once stopped;
+    with always_move it can rise, and kl is its minimum, as for soft prompts), meta {"config", "is_bound": False, "candidate_batch"
+    (the final, possibly backed-off, chunk size), "n_scored" (candidates scored), "n_restarts"
+    (restarts from the buffer, all targets), "timings_s"}.
     """
     config = HardConfig() if config is None else config
     if not isinstance(config, HardConfig):
@@ -499,9 +366,8 @@ def optimize_hard(model, tokenizer, targets: Targets, config: HardConfig | None 
         while not search.done:
             search.step()
             bar.update(1)
-            bar.set_postfix(kl=f"{float(search.current_kl.mean()):.4f}",
-                            active=int(search.tracker.active.sum()))
-            if callback is not None and callback(search.n_steps, float(search.current_kl.mean())):
+            bar.set_postfix(kl=f"{float(search.best_kl.mean()):.4f}", active=int(search.tracker.active.sum()))
+            if callback is not None and callback(search.n_steps, float(search.best_kl.mean())):
                 break
         bar.update(bar.total - bar.n)  # stopped early: end the bar complete, not in tqdm's error colour
     return search.result()
