@@ -45,7 +45,7 @@ def test_a_run_draws_the_method_beside_the_bound_and_adds_a_history_row(pg, monk
     original = plotting.distributions
     monkeypatch.setattr(plotting, "distributions", lambda top, **kw: drawn.append(kw) or original(top, **kw))
     target, result, top = pg.run()
-    assert pg.state == "done" and result.method == "soft" and int(result.steps[0]) == 4  # 3 steps + the initial
+    assert pg.state == "done" and result.method == "soft" and int(result.steps[0]) == 3  # Adam steps
     assert set(top["source"]) == {"target", "soft", "free_bound"}
     assert "soft: KL" in pg.status.value and "free-h bound" in pg.status.value
     assert pg.figure.value[:4] == b"\x89PNG" and pg.figure.layout.display == ""

@@ -92,8 +92,10 @@ class Result:
     kl: (T,) best KL(target ‖ model) in nats.
     initial_kl: (T,) KL at the initial prompt (bounds: at h = 0 / the initial point).
     logprobs: (T, vocab) float32, the model's next-token log-probabilities at the best prompt.
-    steps: (T,) steps each target ran (early stopping makes these differ).
-    trace: (n_steps, T) float32 KL at each step (NaN once a target has stopped).
+    steps: (T,) prompt optimisers: the steps each target took (early stopping makes these differ), i.e.
+        its trace rows after row 0; bounds: solver iterations.
+    trace: (n_rows, T) KL where the method stood: row 0 at the initial point, then one row per step
+        (NaN once a target has stopped); `kl` is its minimum. Bounds: the solver's iterates after row 0.
     wall_s: wall-clock seconds of the whole call.
     prompt_embeds: (T, L, d_model) float32 best soft prompts (soft, layer_bound), else None.
     prompt_ids: (T, L) best token ids (hard; for soft, the nearest-token projection), else None.

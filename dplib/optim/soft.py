@@ -280,7 +280,8 @@ def _optimize_chunk(setup: _Setup, target_probs: Tensor, init: Tensor, config, b
         if handle is not None:
             handle.remove()
     return {"kl": tracker.best.cpu(), "vectors": best_vectors.cpu(), "logprobs": best_logprobs.cpu(),
-            "initial_kl": trace[0].cpu(), "steps": tracker.steps.cpu(), "trace": trace.cpu()}
+            # steps: Adam steps taken, the trace's rows after row 0 (the tracker also counts the initial evaluation)
+            "initial_kl": trace[0].cpu(), "steps": tracker.steps.cpu() - 1, "trace": trace.cpu()}
 
 
 def _restart_seed(config, target_id: str, kind: str, restart: int) -> int:
@@ -519,8 +520,8 @@ def optimize_soft(model, tokenizer, targets: Targets, config: SoftConfig | None 
 
     Returns:
         Result with method "soft": kl (T,) best KL in nats over all restarts, initial_kl (T,) the
-        lowest initial KL over restarts, logprobs (T, vocab) at the best prompt, steps (T,) (the
-        longest restart), trace (steps + 1, T) the per-step minimum over restarts (row 0 = the
+        lowest initial KL over restarts, logprobs (T, vocab) at the best prompt, steps (T,) Adam steps taken (the
+        longest restart; the trace's rows after row 0), trace (steps + 1, T) the per-step minimum over restarts (row 0 = the
         initial prompts; NaN once every restart of a target stopped), prompt_embeds (T, L, d_model)
         float32 of the kept restart (meta "restart" (T,) its index, meta "init_ids" its initial
         tokens), and when `config.project`:
