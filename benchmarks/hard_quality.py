@@ -142,6 +142,7 @@ def main() -> None:
     ap.add_argument("--n-words", type=int, default=8, help="one-token targets (the first n of the 8 drawn)")
     ap.add_argument("--steps", type=int, default=None, help="override every set's steps (a smaller ablation)")
     ap.add_argument("--candidates", type=int, default=None, help="override every set's candidates per step")
+    ap.add_argument("--no-soft", action="store_true", help="skip the soft prompts (no hard − soft gap)")
     args = ap.parse_args()
 
     model, tokenizer = load_model(args.model, device=args.device)
@@ -154,7 +155,7 @@ def main() -> None:
     for set_name in args.sets.split(","):
         targets, budget = sets[set_name]
         soft = None
-        if set_name != "one_token":
+        if set_name != "one_token" and not args.no_soft:
             soft_cfg = SoftConfig(prompt_length=budget.prompt_length, steps=20 if args.quick else SoftConfig.steps)
             t = time.perf_counter()
             soft = optimize_soft(model, tokenizer, targets, soft_cfg, progress=False)

@@ -297,6 +297,16 @@ def _strata_enough(r: Mapping, min_n: int) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
+def _paired_table(df: pd.DataFrame, value: str, who: str, *, column: str, control: str, treatments, pair: str, by,
+                  n_boot: int, level: float, seed: int) -> pd.DataFrame:
+    """`analysis.paired_comparison` of the treatments present in df against the control; refuses none present."""
+    present = [t for t in treatments if (df[column] == t).any()]
+    if not present:
+        raise ValueError(f"{who}: no rows with {column} in {list(treatments)}")
+    return analysis.paired_comparison(df, value, column=column, control=control, treatments=present, pair=pair,
+                                      by=list(by), n_boot=n_boot, level=level, seed=seed)
+
+
 def lm_targets_easier(df: pd.DataFrame, *, value: str = "kl_nats", column: str = "source", control: str = "random",
                       treatments: Sequence[str] = ("own", "mapped"), pair: str = "pair_id",
                       by: Sequence[str] = ("model", "method"), mass_lost: str | None = "mass_lost",
@@ -315,11 +325,8 @@ def lm_targets_easier(df: pd.DataFrame, *, value: str = "kl_nats", column: str =
     who = "lm_targets_easier"
     extra = [c for c in (mass_lost, source_model) if c is not None]
     df, dropped = _checked(df, [column, pair, *by, *extra], value, who, only=(column, [control, *treatments]))
-    present = [t for t in treatments if (df[column] == t).any()]
-    if not present:
-        raise ValueError(f"{who}: no rows with {column} in {list(treatments)}")
-    table = analysis.paired_comparison(df, value, column=column, control=control, treatments=present, pair=pair,
-                                       by=list(by), n_boot=n_boot, level=level, seed=seed)
+    table = _paired_table(df, value, who, column=column, control=control, treatments=treatments, pair=pair, by=by,
+                          n_boot=n_boot, level=level, seed=seed)
     rows = []
     for r in table.to_dict("records"):
         key = {c: r[c] for c in by}
@@ -393,11 +400,8 @@ def proposers_beat_instructions(df: pd.DataFrame, *, value: str = "kl_answers_na
     """
     who = "proposers_beat_instructions"
     df, dropped = _checked(df, [column, pair, *by], value, who, only=(column, [control, *treatments]))
-    present = [t for t in treatments if (df[column] == t).any()]
-    if not present:
-        raise ValueError(f"{who}: no rows with {column} in {list(treatments)}")
-    table = analysis.paired_comparison(df, value, column=column, control=control, treatments=present, pair=pair,
-                                       by=list(by), n_boot=n_boot, level=level, seed=seed)
+    table = _paired_table(df, value, who, column=column, control=control, treatments=treatments, pair=pair, by=by,
+                          n_boot=n_boot, level=level, seed=seed)
     rows = []
     for r in table.to_dict("records"):
         note = (f"mean {value} {r['mean_treatment']:.4g} vs the best instruction's {r['mean_control']:.4g} "
