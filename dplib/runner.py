@@ -59,7 +59,7 @@ class MethodSpec:
     method: the registry name ("soft", "hard", "free_bound", "norm_bound", "layer_bound").
     params: config field overrides (plain values), applied to the method's config class.
     label: the `variant` column (default: the method name); lets one method appear with several
-        configs in a sweep, e.g. {"soft_L1": ("soft", {"n_prompt": 1}), "soft_L10": ...}.
+        configs in a sweep, e.g. {"soft_L1": ("soft", {"prompt_length": 1}), "soft_L10": ...}.
     """
 
     method: str
@@ -75,7 +75,7 @@ def method_specs(methods) -> list[MethodSpec]:
     """Normalise the accepted forms of `methods` into MethodSpecs.
 
     Accepted: "soft"; ["soft", "free_bound"]; {"soft": {"steps": 100}, "free_bound": {}};
-    {"soft_L10": ("soft", {"n_prompt": 10})}; a config instance as the value; MethodSpecs.
+    {"soft_L10": ("soft", {"prompt_length": 10})}; a config instance as the value; MethodSpecs.
     """
     if isinstance(methods, str | MethodSpec):
         methods = [methods]
