@@ -16,7 +16,8 @@ from `dplib.lm`; the modules below are its parts, bottom to top):
   position limit (None where the config states none, e.g. ALiBi), and `check_length`.
 - `forward`: `last_hidden` / `next_token_logprobs`, the hot path: the body, then the head on the
   last position only, as one 2-D matmul; `last_hidden_after` / `continuation_logprobs`, a shared
-  context run once for many rows; `kl_from_logprobs`.
+  context run once for many rows (`cache_kwarg` / `output_cache`: the key/value cache's name in this
+  transformers release); `kl_from_logprobs`.
 - `norms`: `final_norm(model)` / `norm_spec(model)`, the final normalisation module, located under
   the names families use and *checked* to be what produces the body's output, then described by
   calling it (RMSNorm, Gemma's 1 + w, LayerNorm with or without affine parameters); `layers(model)`,
@@ -42,11 +43,13 @@ from __future__ import annotations
 from .config import ModelStructureError, text_config
 from .decoder import body, check_length, embed, embedding_matrix, max_positions
 from .forward import (
+    cache_kwarg,
     continuation_logprobs,
     kl_from_logprobs,
     last_hidden,
     last_hidden_after,
     next_token_logprobs,
+    output_cache,
 )
 from .frames import CHAT, ChatTemplateError, PromptFrame, bos_id, chat_frame, prompt_frame
 from .head import LOGIT_TRANSFORMS, OutputLayer, logits_width, output_layer
@@ -57,7 +60,7 @@ from .verify import check, configure
 
 __all__ = [
     "CHAT", "LOGIT_TRANSFORMS", "ChatTemplateError", "ModelStructureError", "NormSpec", "OutputLayer", "PromptFrame",
-    "allowed_tokens", "body", "bos_id", "chat_frame", "check", "check_length", "configure", "embed", "embedding_matrix", "final_norm", "fingerprint", "kl_from_logprobs",
+    "allowed_tokens", "body", "bos_id", "cache_kwarg", "chat_frame", "check", "check_length", "configure", "embed", "embedding_matrix", "final_norm", "fingerprint", "kl_from_logprobs",
     "last_hidden", "last_hidden_after", "layers", "logits_width", "max_positions", "next_token_logprobs", "norm_spec",
-    "continuation_logprobs", "output_layer", "prompt_frame", "special_ids", "text_config",
+    "continuation_logprobs", "output_cache", "output_layer", "prompt_frame", "special_ids", "text_config",
 ]

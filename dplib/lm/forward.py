@@ -8,11 +8,25 @@ cache across the batch. `kl_from_logprobs` is the one KL-from-log-probs used on 
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor
 
 from .decoder import body, check_length
 from .head import OutputLayer, output_layer
+
+
+# The key/value cache's name: transformers ≥ 5.24 calls it `cache` (output field and forward argument)
+# and warns on the older `past_key_values`, which earlier 5.x releases need; both are read by name here.
+def cache_kwarg(decoder) -> str:
+    """The forward argument that passes a key/value cache to `decoder`: "cache" or "past_key_values"."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def output_cache(out):
+    """The key/value cache a forward with use_cache=True returned (its field is named as above)."""
+    return out["cache"] if "cache" in out.keys() else out["past_key_values"]
 
 
 def last_hidden(model, inputs_embeds: Tensor, attention_mask: Tensor | None = None,
@@ -28,20 +42,29 @@ def last_hidden(model, inputs_embeds: Tensor, attention_mask: Tensor | None = No
     return out.last_hidden_state[:, -1, :].contiguous()
 
 
-def last_hidden_after(model, context_embeds: Tensor, inputs_embeds: Tensor) -> Tensor:
-    """`last_hidden` of [context, inputs] for B rows sharing one context, the context run once.
+def last_hidden_after(model, context_embeds: Tensor, inputs_embeds: Tensor,
+                      context_index: Tensor | None = None) -> Tensor:
+    """`last_hidden` of [context, inputs] for B rows that follow C contexts, each context run once.
 
-    context_embeds: (1, n, d_model), the shared fixed prefix; inputs_embeds: (B, k, d_model), k ≥ 1.
-    Returns (B, d_model): the final-norm hidden state at the last position of each row. The context's
-    key/value cache is computed once and repeated over the batch, so a batch costs B·k positions, not
-    B·(n + k). The same numbers as `last_hidden(cat([context, inputs]))` up to float rounding (checked
-    by the optimisers that use it, `optim.hard`, once per search).
+    context_embeds: (C, n, d_model), n ≥ 1, the contexts (a fixed prefix, or a prefix and the first
+    prompt tokens); inputs_embeds: (B, k, d_model), k ≥ 1; context_index: (B,) long, the context each
+    row follows (None: C must be 1, every row follows it). Returns (B, d_model): the final-norm hidden
+    state at the last position of each row. The contexts' key/value cache is computed once and
+    gathered over the batch, so a batch costs C·n + B·k positions, not B·(n + k). The same numbers as
+    `last_hidden(cat([context, inputs]))` up to float rounding (checked by the optimisers that use it,
+    `optim.hard`, once per search).
     """
     check_length(model, context_embeds.shape[1] + inputs_embeds.shape[1])
+    if context_index is None and context_embeds.shape[0] != 1:
+        raise ValueError(f"{context_embeds.shape[0]} contexts need a context_index (B,) saying which one "
+                         "each row follows.")
     dec = body(model)
-    cache = dec(inputs_embeds=context_embeds, use_cache=True).past_key_values
-    cache.batch_repeat_interleave(inputs_embeds.shape[0])
-    out = dec(inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=True).last_hidden_state
+    cache = output_cache(dec(inputs_embeds=context_embeds, use_cache=True))
+    if context_index is None:
+        cache.batch_repeat_interleave(inputs_embeds.shape[0])
+    else:
+        cache.batch_select_indices(context_index)
+    out = dec(inputs_embeds=inputs_embeds, use_cache=True, **{cache_kwarg(dec): cache}).last_hidden_state
     return out[:, -1, :].contiguous()
 
 
@@ -69,10 +92,10 @@ def continuation_logprobs(model, context_embeds: Tensor, continuation_embeds: Te
     check_length(model, context_embeds.shape[1] + continuation_embeds.shape[1])
     dec = body(model)
     out = dec(inputs_embeds=context_embeds, use_cache=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
     batch = continuation_embeds.shape[0]
     cache.batch_repeat_interleave(batch)
-    more = dec(inputs_embeds=continuation_embeds, past_key_values=cache, use_cache=True).last_hidden_state
+    more = dec(inputs_embeds=continuation_embeds, use_cache=True, **{cache_kwarg(dec): cache}).last_hidden_state
     hidden = torch.cat([out.last_hidden_state[:, -1:, :].expand(batch, -1, -1), more], dim=1)
     b, k, d = hidden.shape
     return torch.log_softmax(head.logits(hidden.reshape(b * k, d)), dim=-1).reshape(b, k, -1)

@@ -167,9 +167,10 @@ def _sampled_documents(model, tokenizer, n: int, length: int, seed: int, prefix:
     allowed = lm.allowed_tokens(tokenizer, logits_width(model)).to(device)
     g = generator(derive_seed(seed, "lm-sample"))
     ids, past, sampled = torch.tensor([start] * n, device=device), None, []
+    cache_arg = lm.cache_kwarg(model)
     for _ in range(length):
-        out = model(input_ids=ids, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=ids, use_cache=True, **{cache_arg: past})
+        past = lm.output_cache(out)
         logits = out.logits[:, -1, :].float().masked_fill(~allowed, -math.inf)
         ids = torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=g).to(device)
         sampled.append(ids)
