@@ -39,6 +39,13 @@ def registry():
     return getattr(optim, "METHODS", {}), getattr(optim, "CONFIGS", {})
 
 
+def revision(method: str) -> int:
+    """The method's revision (`optim.REVISIONS`; 1 where absent): part of its cells' keys from 2 on."""
+    from . import optim
+
+    return optim.REVISIONS.get(method, 1)
+
+
 def probs_fingerprint(probs: torch.Tensor) -> str:
     """A hash of a batch of target distributions (their float32 bytes)."""
     data = probs.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
@@ -49,10 +56,14 @@ def cell_key(model_fingerprint: str, method: str, config, seed: int, batch: Targ
     """The identity of one cell: equal keys, equal results.
 
     model_fingerprint: `lm.fingerprint(model)`, a hash of the weights, dtype and config (never the
-    model's name: in-memory models, bf16 copies and edited weights share names).
+    model's name: in-memory models, bf16 copies and edited weights share names). A method whose
+    algorithm changed (`optim.REVISIONS`) gets new keys: its older cells are recomputed, not served.
     """
-    return stable_hash({"model": model_fingerprint, "method": method, "config": config, "seed": seed,
-                        "targets": batch.ids, "probs": probs_fingerprint(batch.probs)}, KEY_CHARS)
+    identity = {"model": model_fingerprint, "method": method, "config": config, "seed": seed,
+                "targets": batch.ids, "probs": probs_fingerprint(batch.probs)}
+    if revision(method) > 1:  # only then: revision-1 keys (every cell stored before revisions) stay valid
+        identity["revision"] = revision(method)
+    return stable_hash(identity, KEY_CHARS)
 
 
 def is_bound_method(method: str, result=None) -> bool:

@@ -28,6 +28,12 @@ CONFIGS = {
     "layer_bound": LayerBoundConfig,
 }
 
-__all__ = ["CONFIGS", "METHODS", "BestTracker", "BoundConfig", "LayerBoundConfig", "OutputLayer", "Result",
+# A method's revision: bump it when the method's results change for the same config (a new algorithm, not a new
+# knob), so that the cell store recomputes cells of older revisions instead of serving them. Absent = 1.
+# hard 2: candidates scored after the cache of the prompt tokens they share with their prompt (float rounding
+# differs, so the search's path can differ).
+REVISIONS = {"hard": 2}
+
+__all__ = ["CONFIGS", "METHODS", "REVISIONS", "BestTracker", "BoundConfig", "LayerBoundConfig", "OutputLayer", "Result",
            "SoftConfig", "HardConfig", "optimize_hard", "score_prompt_text", "free_bound", "layer_bound",
            "next_token_logprobs", "norm_bound", "optimize_soft", "output_layer"]
