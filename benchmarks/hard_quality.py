@@ -10,7 +10,7 @@ Fixed, seeded target sets on smollm2-135m (every variant searches the same targe
 For the vanilla sets the soft prompt at its defaults (L as the set's) is run once, for the hard − soft gap.
 
 Variants (HardConfig overrides on the set's budget; "v0" is dplib ≤ 0.x's search):
-  v0        pure descent (move only on improvement), gradient proposals only
+  v0        pure descent (move only on improvement), gradient proposals only, whole sequences scored
   move      v0 + GCG's move (always stand on the step's best candidate, return the best seen)
   copy      v0 + copy proposals (25 % of candidates place one of the target's own tokens)
   default   today's HardConfig defaults (move + copy)
@@ -45,7 +45,7 @@ from dplib.optim.hard import HardSearch
 from dplib.targets import Targets, logits_width, vanilla
 
 VARIANTS = {
-    "v0": dict(always_move=False, copy_share=0.0),
+    "v0": dict(always_move=False, copy_share=0.0, reuse_prefix=False),
     "move": dict(always_move=True, copy_share=0.0),
     "copy": dict(always_move=False, copy_share=0.25),
     "default": {},

@@ -11,13 +11,16 @@ Measures, in one run (so the ratios are fair on a noisy machine):
   3. one whole hard step (gradient + sampling/filter + scoring) for T in {1, 8, 32} targets;
   4. prefix key/value reuse: candidates/s of the search's scoring (`HardSearch.score`, B = 256, L = 10)
      with the fixed prefix run once per batch and its cache shared, against whole sequences, for a
-     1-token prefix (BOS) and a 20-token one (20 tokens of literal prefix text).
+     1-token prefix (BOS) and a 20-token one (20 tokens of literal prefix text);
+  5. shared prompt tokens: one real step's candidates (B = 128 per target), each scored after the cache
+     of the prefix and the prompt tokens before its first swap, against whole sequences, at L = 5 and 10
+     for T = 1 and 8 targets.
 Issue #5 asks, at B = 256: "last" ≥ 70 % of peak and ≥ 4× the one-at-a-time rate; issue #17 asks
 for ≥ 1.5× candidates/s from prefix reuse with a 20-token prefix.
 
     .venv/bin/python benchmarks/hard_step.py            # full run (several minutes on 2 cores)
     .venv/bin/python benchmarks/hard_step.py --quick    # smoke run (about a minute)
-    .venv/bin/python benchmarks/hard_step.py --prefix-only   # section 4 alone
+    .venv/bin/python benchmarks/hard_step.py --prefix-only   # sections 4 and 5 alone
 """
 
 from __future__ import annotations
@@ -107,13 +110,39 @@ def prefix_reuse(model, tokenizer, L: int, b: int, repeats: int, sync) -> None:
               f"{gap:>10.1e}")
 
 
+def shared_reuse(model, tokenizer, b: int, repeats: int, sync) -> None:
+    """Candidates/s of HardSearch.score on one step's real candidates (each sharing the prompt tokens before
+    its first swap with its target's prompt), with the shared cache and as whole sequences."""
+    print(f"\nshared prompt tokens: one step's candidates (B = {b} per target, BOS prefix), scored after the cache "
+          "of what each shares with its prompt vs whole sequences")
+    print(f"{'L':>3} {'T':>3} {'cands':>6} {'whole cand/s':>13} {'shared cand/s':>14} {'shared/whole':>13} "
+          f"{'max |ΔKL|':>10}")
+    for L, T in ((5, 1), (5, 8), (10, 1), (10, 8)):
+        search = HardSearch(model, tokenizer, random_targets(model, T, seed=T),
+                            HardConfig(prompt_length=L, steps=1, n_candidates=b))
+        active = torch.arange(T)
+        ids, owner, start = search.candidates(active, search.top_tokens(active))
+        owner, start = owner.to(search.device), start.to(search.device)
+        kls = {}
+
+        def timed(reuse: bool, search=search, ids=ids, owner=owner, start=start, kls=kls):
+            search.reuse = reuse
+            kls[reuse] = search.score(ids, owner, start)[0].cpu()
+            sync()
+
+        t_whole, t_reuse = median_times([lambda timed=timed: timed(False), lambda timed=timed: timed(True)], repeats)
+        gap = float((kls[True] - kls[False]).abs().max())
+        print(f"{L:>3} {T:>3} {len(ids):>6} {len(ids) / t_whole:>13.1f} {len(ids) / t_reuse:>14.1f} "
+              f"{t_whole / t_reuse:>13.2f} {gap:>10.1e}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short smoke run")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--step-b", type=int, default=64, help="candidates per target in the whole-step timing")
-    ap.add_argument("--prefix-only", action="store_true", help="only section 4, prefix key/value reuse")
+    ap.add_argument("--prefix-only", action="store_true", help="only sections 4 and 5, key/value reuse")
     args = ap.parse_args()
 
     L = 10
@@ -140,6 +169,7 @@ def main() -> None:
 
     if args.prefix_only:
         prefix_reuse(model, tokenizer, L, 64 if args.quick else 256, repeats, sync)
+        shared_reuse(model, tokenizer, 32 if args.quick else 128, repeats, sync)
         return
     peak = matmul_peak(4096 if device.type == "cuda" else 2048, repeats + 2)
     print(f"# {args.model} on {device} ({torch.get_num_threads()} threads), L = {L} (+BOS), "

@@ -219,32 +219,51 @@ def test_copy_proposals_reach_a_token_the_model_copies(tiny):
     assert optimize_hard(model, tokenizer, targets, HardConfig(**cfg, copy_share=0.0), progress=False).kl[0] > 1.0
 
 
+@pytest.mark.parametrize("min_group", [1, scoring.MIN_GROUP])  # every start its own group; merged groups
 @pytest.mark.parametrize("fixture, prefix", [
     ("tiny", "bos"),
+    ("tiny", ""),  # no fixed prefix: only the prompt tokens before the first swap are shared
     ("tiny", "Answer with one word. The word that comes next after this long prefix is"),
     ("tiny_gemma", "Answer with one word. The word that comes next after this long prefix is"),  # sliding window
 ])
-def test_prefix_cache_scores_like_whole_sequences(fixture, prefix, request):
-    """Candidates scored after the fixed prefix's key/value cache match whole sequences within 1e-5 nats."""
+def test_shared_cache_scores_like_whole_sequences(fixture, prefix, min_group, request, monkeypatch):
+    """Candidates scored after the key/value cache of the prefix and the prompt tokens they share with their
+    target's current prompt match whole sequences within 1e-5 nats, for every first-swap position."""
+    monkeypatch.setattr(scoring, "MIN_GROUP", min_group)
     model, tokenizer = request.getfixturevalue(fixture)
     targets = random_targets(model, tokenizer, 2, seed=7)
     search = hard.HardSearch(model, tokenizer, targets, HardConfig(**QUICK, prefix=prefix))
-    assert search.reuse and len(search.prefix_ids) >= (1 if prefix == "bos" else 12)
+    assert search.reuse and len(search.prefix_ids) >= {"bos": 1, "": 0}.get(prefix, 12)
+    L, n = QUICK["prompt_length"], 60
     g = torch.Generator().manual_seed(0)
     allowed = lm.allowed_tokens(tokenizer, logits_width(model)).nonzero().flatten()
-    prompts = allowed[torch.randint(len(allowed), (40, QUICK["prompt_length"]), generator=g)]
-    owner = torch.arange(40) % 2
-    cached, _ = search.score(prompts, owner)
+    owner = torch.arange(n) % 2
+    start = torch.randint(L, (n,), generator=g)
+    fresh = allowed[torch.randint(len(allowed), (n, L), generator=g)]
+    keep = torch.arange(L).unsqueeze(0) < start.unsqueeze(1)  # positions before the first swap: the owner's
+    prompts = torch.where(keep, search.current[owner], fresh)
+    assert len(set(start.tolist())) == L
+    cached, _ = search.score(prompts, owner, start)
     search.reuse = False
-    whole, _ = search.score(prompts, owner)
+    whole, _ = search.score(prompts, owner, start)
     torch.testing.assert_close(cached, whole, atol=1e-5, rtol=0)
 
 
-def test_prefix_cache_that_disagrees_is_refused(tiny, monkeypatch):
+def test_merged_starts_join_small_groups_downward():
+    """Start positions with few candidates are scored after the smaller shared length of the run below."""
+    start = torch.tensor([0] * 30 + [1] * 30 + [2] * 20 + [3] * 70 + [4] * 10)
+    merged = scoring.merged_starts(start, min_group=64)
+    assert merged.tolist() == [0] * 80 + [3] * 80
+    assert (merged <= start).all()  # never share more than a candidate has in common with its prompt
+    assert scoring.merged_starts(torch.tensor([3, 3, 4]), min_group=64).tolist() == [3, 3, 3]
+    assert scoring.merged_starts(start, min_group=1).equal(start)
+
+
+def test_shared_cache_that_disagrees_is_refused(tiny, monkeypatch):
     """A model whose cached path differs from its whole-sequence forward fails loudly, saying what to set."""
     model, tokenizer = tiny
     real = lm.last_hidden_after
-    monkeypatch.setattr(lm, "last_hidden_after", lambda m, c, x: real(m, c, x) * 1.5)
+    monkeypatch.setattr(lm, "last_hidden_after", lambda *args: real(*args) * 1.5)
     with pytest.raises(lm.ModelStructureError, match="reuse_prefix=False"):
         hard.HardSearch(model, tokenizer, random_targets(model, tokenizer, 1), HardConfig(**QUICK))
     hard.HardSearch(model, tokenizer, random_targets(model, tokenizer, 1), HardConfig(**QUICK, reuse_prefix=False))
@@ -365,13 +384,13 @@ def test_oom_backoff_gives_same_result(tiny, tiny_run, monkeypatch, caplog, erro
     real = scoring.score_forward
     sizes = []
 
-    def flaky(model, head, ids, context_ids=None):
+    def flaky(model, head, ids, *context):
         sizes.append(len(ids))
         if len(ids) > 10:
             if error == "torch":
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
             raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried... out of memory")
-        return real(model, head, ids, context_ids)
+        return real(model, head, ids, *context)
 
     monkeypatch.setattr(scoring, "score_forward", flaky)
     backed = optimize_hard(model, tokenizer, targets, HardConfig(**QUICK, candidate_batch=64), progress=False)

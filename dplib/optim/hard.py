@@ -21,9 +21,12 @@ every target still running:
    re-tokenises to exactly its ids — on its own *and* joined with the prefix and suffix text — so
    the reported prompt text means what the optimiser scored. Duplicates are dropped.
 4. **Score every surviving candidate exactly** (`optim.scoring`), all targets' candidates together,
-   in batched forward passes that read the last position only. The fixed prefix (BOS, a literal
-   prefix, the chat template) is run once per batch and its key/value cache shared by every
-   candidate (`reuse_prefix`; checked against whole sequences when the search starts). Batches are
+   in batched forward passes that read the last position only. A candidate shares with the prompt
+   it was made from everything before its first swapped position — the fixed prefix (BOS, a literal
+   prefix, the chat template) and the unchanged prompt tokens — so that context is run once per
+   batch, its key/value cache gathered over the candidates that follow it, and each candidate runs
+   only its own positions from the first swap on: on average about half the prompt
+   (`reuse_prefix`; checked against whole sequences when the search starts). Batches are
    `candidate_batch` sequences at most and halve automatically when memory runs out.
 5. **Move** (`always_move`, as GCG): the search stands on the step's best candidate even when it is
    worse than the current prompt — a pure descent (always_move=False) stops at the first prompt no
@@ -63,7 +66,7 @@ from ..targets import Targets
 from .common import BestTracker, Result
 from .hard_config import HardConfig
 from .hard_init import initial_prompts, resolve_length
-from .scoring import Chunker, score_kl, score_prompt_text
+from .scoring import Chunker, score_kl, score_kl_after_shared, score_prompt_text
 
 __all__ = ["HardConfig", "HardSearch", "optimize_hard", "resolve_length", "score_prompt_text"]
 
@@ -118,7 +121,7 @@ def _sample_candidates(top: Tensor, current: Tensor, n: int, n_swaps: int, gen: 
 
 
 
-# Largest |KL after the prefix cache − KL of whole sequences| (nats) accepted when a search starts, for
+# Largest |KL after a shared key/value cache − KL of whole sequences| (nats) accepted when a search starts, for
 # float32/64 weights and for 16-bit weights (whose rounding differs between the two orders of work).
 REUSE_TOLERANCE = {False: 1e-3, True: 5e-2}
 
@@ -169,7 +172,7 @@ class HardSearch:
                        self.neg_entropy, self.scorer)
         self.current_kl = kl.cpu()
         self.initial_kl = self.current_kl.clone()
-        self.reuse = config.reuse_prefix and len(self.prefix_ids) > 0
+        self.reuse = config.reuse_prefix and len(self.prefix_ids) + config.prompt_length > 1
         if self.reuse:
             self._check_reuse()
         self.tracker = BestTracker(T, patience=config.patience)
@@ -184,17 +187,19 @@ class HardSearch:
         self.timings = {"gradient": 0.0, "sample": 0.0, "score": 0.0}
 
     def _check_reuse(self) -> None:
-        """Score the initial prompts after the shared prefix cache too; refuse a model where it disagrees."""
+        """Score the initial prompts after the cache of all but their last token too; refuse a model where it
+        disagrees with whole sequences."""
+        last = torch.full((len(self.current),), self.config.prompt_length - 1, dtype=torch.long)
         try:
-            kl, _ = self.score(self.current, self.every)
+            kl, _ = self.score(self.current, self.every, last.to(self.device))
         except Exception as err:  # noqa: BLE001 - re-raised with what to do
             raise lm.ModelStructureError(
-                f"{type(self.model).__name__}: scoring after a shared prefix key/value cache failed ({err!r}); "
+                f"{type(self.model).__name__}: scoring after a shared key/value cache failed ({err!r}); "
                 "set HardConfig(reuse_prefix=False) to score whole sequences.") from err
         gap = float((kl.cpu() - self.initial_kl).abs().max())
         if gap > REUSE_TOLERANCE[self.emb_weight.dtype in (torch.float16, torch.bfloat16)]:
             raise lm.ModelStructureError(
-                f"{type(self.model).__name__}: KL after a shared prefix key/value cache differs from whole "
+                f"{type(self.model).__name__}: KL after a shared key/value cache differs from whole "
                 f"sequences by {gap:.2e} nats; set HardConfig(reuse_prefix=False) to score whole sequences.")
 
     def full(self, prompt_ids: Tensor) -> Tensor:
@@ -203,14 +208,20 @@ class HardSearch:
         return torch.cat([self.prefix_ids.expand(n, -1), prompt_ids.to(self.device),
                           self.suffix_ids.expand(n, -1)], dim=1)
 
-    def score(self, prompt_ids: Tensor, owner: Tensor) -> tuple[Tensor, None]:
-        """(N, L) prompts, (N,) target index of each → (N,) KL on the device; after the prefix cache if reused."""
+    def score(self, prompt_ids: Tensor, owner: Tensor, start: Tensor | None = None) -> tuple[Tensor, None]:
+        """KL of (N, L) prompts made from their owners' current prompts, on the device.
+
+        owner: (N,) target index of each; start: (N,) the first position where each may differ from
+        `current[owner]` (None: 0). With reuse, each is run after the key/value cache of the prefix and
+        `current[owner, :start]`; else as a whole sequence. Returns ((N,) KL, None).
+        """
         if not self.reuse:
             return score_kl(self.model, self.head, self.full(prompt_ids), owner, self.target_probs,
                           self.neg_entropy, self.scorer)
-        rest = torch.cat([prompt_ids.to(self.device), self.suffix_ids.expand(len(prompt_ids), -1)], dim=1)
-        return score_kl(self.model, self.head, rest, owner, self.target_probs, self.neg_entropy, self.scorer,
-                      context_ids=self.prefix_ids)
+        start = torch.zeros_like(owner) if start is None else start
+        return score_kl_after_shared(self.model, self.head, self.prefix_ids, self.current.to(self.device),
+                                     prompt_ids.to(self.device), start, owner, self.suffix_ids,
+                                     self.target_probs, self.neg_entropy, self.scorer), None
 
     @property
     def done(self) -> bool:
@@ -242,11 +253,12 @@ class HardSearch:
         self.grad_chunker.run(len(active), chunk)
         return top
 
-    def candidates(self, active: Tensor, top: Tensor) -> tuple[Tensor, Tensor]:
-        """B sampled, deduplicated, filtered candidates per active target: ids (N, L), owner (N,), CPU."""
+    def candidates(self, active: Tensor, top: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """B sampled, deduplicated, filtered candidates per active target, on CPU: ids (N, L), owner (N,)
+        and start (N,), the first position where each differs from its target's current prompt."""
         cfg = self.config
         swaps, n_copy = self.n_swaps(), round(cfg.copy_share * cfg.n_candidates)
-        cand_rows, owners = [], []
+        cand_rows, owners, starts = [], [], []
         for j, t in enumerate(active.tolist()):
             cands = _sample_candidates(top[j], self.current[t], cfg.n_candidates, swaps, self.gens[t],
                                        self.copy_probs[t], n_copy)
@@ -256,7 +268,8 @@ class HardSearch:
                 cands = cands[torch.tensor(ok, dtype=torch.bool)]
             cand_rows.append(cands)
             owners.append(torch.full((len(cands),), t, dtype=torch.long))
-        return torch.cat(cand_rows), torch.cat(owners)
+            starts.append((cands != self.current[t]).long().argmax(dim=1))  # 0 where none differs
+        return torch.cat(cand_rows), torch.cat(owners), torch.cat(starts)
 
     def _remember(self, t: int, cands: Tensor, kl: Tensor) -> None:
         """Keep target t's `buffer_size` best distinct prompts seen, for restarts."""
@@ -283,10 +296,10 @@ class HardSearch:
         tic = time.perf_counter()
         top = self.top_tokens(active)
         tac = time.perf_counter()
-        cand_ids, owner = self.candidates(active, top)
+        cand_ids, owner, start = self.candidates(active, top)
         toc = time.perf_counter()
         if len(cand_ids):
-            kl, _ = self.score(cand_ids, owner.to(self.device))
+            kl, _ = self.score(cand_ids, owner.to(self.device), start.to(self.device))
             kl = kl.cpu()
             self.n_scored += len(cand_ids)
             for t in active.tolist():

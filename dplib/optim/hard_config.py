@@ -39,8 +39,9 @@ class HardConfig:
     patience: int = 20  # stop a target after this many steps without a new best; 0 = never (default 20)
     seed: int = 0  # base seed; each target's generator derives from (seed, target_id) (default 0)
     candidate_batch: int = 512  # max sequences per forward pass; halves on out-of-memory (default 512)
-    # score candidates after the fixed prefix's key/value cache, run once per batch instead of once per candidate
-    # (checked against whole sequences when the search starts); False = whole sequences (default True)
+    # score each candidate after the key/value cache of what it shares with the prompt it was made from (the fixed
+    # prefix and the tokens before its first swap), run once per batch instead of once per candidate (checked
+    # against whole sequences when the search starts); False = whole sequences (default True)
     reuse_prefix: bool = True
 
     def __post_init__(self):

@@ -19,7 +19,7 @@ from ..targets import Targets
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Chunker", "is_oom", "score_forward", "score_kl", "score_prompt_text"]
+__all__ = ["Chunker", "is_oom", "score_forward", "score_kl", "score_kl_after_shared", "score_prompt_text"]
 
 
 def is_oom(err: BaseException) -> bool:
@@ -55,16 +55,19 @@ class Chunker:
             start = stop
 
 
-def score_forward(model, head: OutputLayer, ids: Tensor, context_ids: Tensor | None = None) -> Tensor:
+def score_forward(model, head: OutputLayer, ids: Tensor, context_ids: Tensor | None = None,
+                  context_index: Tensor | None = None) -> Tensor:
     """(batch, n) token ids → (batch, vocab) float32 next-token log-probabilities, last position only.
 
-    context_ids: None, or (P,) ids of a fixed prefix that every row follows (not part of `ids`): it is run
-    once per call and its key/value cache shared by the batch (`lm.last_hidden_after`).
+    context_ids: None; or (P,) ids of a fixed prefix that every row follows (not part of `ids`); or
+    (C, P) contexts, with context_index (batch,) saying which one each row follows. Each context is run
+    once per call and its key/value cache shared by its rows (`lm.last_hidden_after`).
     """
-    if context_ids is None:
+    if context_ids is None or context_ids.shape[-1] == 0:
         hidden = last_hidden(model, embed(model, ids))
     else:
-        hidden = lm.last_hidden_after(model, embed(model, context_ids.unsqueeze(0)), embed(model, ids))
+        contexts = context_ids if context_ids.dim() == 2 else context_ids.unsqueeze(0)
+        hidden = lm.last_hidden_after(model, embed(model, contexts), embed(model, ids), context_index)
     return torch.log_softmax(head.logits(hidden), dim=-1)
 
 
@@ -89,6 +92,64 @@ def score_kl(model, head: OutputLayer, ids: Tensor, owner: Tensor, target_probs:
     with torch.no_grad():
         chunker.run(len(ids), chunk)
     return kl, out
+
+
+# Fewest candidates scored together after one shared length: a start position with fewer joins the next
+# smaller one (sharing less), because small batches run far below the hardware's peak (about 300 tokens per
+# batch reach it on a CPU; docs/performance.md).
+MIN_GROUP = 64
+
+
+def merged_starts(start: Tensor, min_group: int) -> Tensor:
+    """(N,) first differing positions → (N,) the shared lengths to score them after: runs of start positions,
+    in increasing order, are merged until each run holds ≥ min_group candidates (the last run may hold fewer,
+    unless it can join the one before), and every candidate of a run is scored after the run's smallest start."""
+    values, counts = start.unique(return_counts=True)
+    runs: list[list[int]] = []  # [smallest start, candidates] per run
+    for v, c in zip(values.tolist(), counts.tolist(), strict=True):
+        if runs and runs[-1][1] < min_group:
+            runs[-1][1] += c
+        else:
+            runs.append([v, c])
+    if len(runs) > 1 and runs[-1][1] < min_group:
+        runs[-2][1] += runs.pop()[1]
+    bounds = torch.tensor([r[0] for r in runs], dtype=start.dtype, device=start.device)
+    return bounds[torch.searchsorted(bounds, start, right=True) - 1]
+
+
+def score_kl_after_shared(model, head: OutputLayer, prefix_ids: Tensor, current: Tensor, cands: Tensor,
+                          start: Tensor, owner: Tensor, suffix_ids: Tensor, target_probs: Tensor,
+                          neg_entropy: Tensor, chunker: Chunker) -> Tensor:
+    """KL of candidate prompts, each run after the key/value cache of what it shares with its target's prompt.
+
+    Candidate i equals `current[owner[i]]` before position `start[i]`, so [prefix, current[owner[i], :start[i]]]
+    is its context: the candidates of one start position are scored together (start positions with few
+    candidates are merged into the run below them: `merged_starts`), each context run once per chunk (the
+    distinct owners' contexts as one batch) and its cache gathered over the candidates. A candidate then
+    costs its own L − start positions (+ suffix), not P + L (+ suffix).
+
+    prefix_ids: (P,) the fixed prefix; current: (T, L) the prompts the candidates were made from;
+    cands: (N, L) candidate prompt ids; start: (N,) long, the first position where each may differ;
+    owner: (N,) target index of each; suffix_ids: (S,); target_probs (T, vocab), neg_entropy (T,) Σ p log p.
+    All on the model's device. Returns (N,) float32 KL, nats.
+    """
+    kl = torch.empty(len(cands), dtype=torch.float32, device=cands.device)
+    start = merged_starts(start, MIN_GROUP)
+    for s in start.unique().tolist():
+        rows = (start == s).nonzero().flatten()
+
+        def chunk(a: int, b: int, s: int = s, rows: Tensor = rows) -> None:
+            mine = rows[a:b]
+            who = owner[mine]
+            rest = torch.cat([cands[mine, s:], suffix_ids.expand(len(mine), -1)], dim=1)
+            contexts, index = who.unique(return_inverse=True)
+            context_ids = torch.cat([prefix_ids.expand(len(contexts), -1), current[contexts, :s]], dim=1)
+            logprobs = score_forward(model, head, rest, context_ids, index)  # (nothing shared: whole sequences)
+            kl[mine] = neg_entropy[who] - (target_probs[who] * logprobs).sum(-1)
+
+        with torch.no_grad():
+            chunker.run(len(rows), chunk)
+    return kl
 
 
 def score_prompt_text(model, tokenizer, texts: Sequence[str], targets: Targets, *, prefix: str = "bos",
