@@ -36,7 +36,7 @@ def registry():
     """(methods, configs): the optimiser registry, {name: function} and {name: config class}."""
     from . import optim
 
-    return getattr(optim, "METHODS", {}), getattr(optim, "CONFIGS", {})
+    return optim.METHODS, optim.CONFIGS
 
 
 def revision(method: str) -> int:
@@ -67,12 +67,15 @@ def cell_key(model_fingerprint: str, method: str, config, seed: int, batch: Targ
 
 
 def is_bound_method(method: str, result=None) -> bool:
-    """Whether a method's rows are bounds (drawn as lines): the *_bound methods, or `meta["is_bound"]`.
+    """Whether a method's rows are bounds (drawn as lines): the methods in `optim.BOUNDS`, or `meta["is_bound"]`.
 
-    By name too, because a bound under soft-capped logits is a local optimum (`is_bound` False in its
-    meta, `certified` False) yet still plays the bound's role in the figures.
+    By method too, because a bound under soft-capped logits is a local optimum (`is_bound` False in its
+    meta, `certified` False) yet still plays the bound's role in the figures. Not by name: `layer_bound`
+    is a prompt-like optimiser whose optimum is local, drawn as a method.
     """
-    return method.endswith("_bound") or bool(getattr(result, "meta", {}).get("is_bound", False))
+    from . import optim
+
+    return method in optim.BOUNDS or bool(getattr(result, "meta", {}).get("is_bound", False))
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from . import analysis
+
 BOUND_STYLE = {"color": "black", "linestyle": "--", "linewidth": 1.6}
 
 # One colour per method in every figure; "target" is the target's own bars in `distributions`.
@@ -81,14 +83,15 @@ def target_title(row, kl: Mapping[str, float] | None = None) -> str:
     return head
 
 
-def _is_bound(df: pd.DataFrame, method_col: str) -> pd.Series:
+def _is_bound(df: pd.DataFrame) -> pd.Series:
+    # the table's is_bound column (cells.is_bound_method wrote it) is the one rule; no column, no bounds
     if "is_bound" in df:
         return df["is_bound"].fillna(False).astype(bool)
-    return df[method_col].astype(str).str.endswith("_bound")
+    return pd.Series(False, index=df.index)
 
 
 def _bin_means(df: pd.DataFrame, x: str, y: str, edges: np.ndarray) -> pd.DataFrame:
-    idx = np.clip(np.searchsorted(edges, df[x].to_numpy(), side="right") - 1, 0, len(edges) - 2)
+    idx = analysis.bin_index(df[x].to_numpy(float), edges)
     mids = (edges[:-1] + edges[1:]) / 2
     out = df.assign(_mid=mids[idx]).groupby("_mid", as_index=False)[y].mean()
     return out.rename(columns={"_mid": x})
@@ -99,7 +102,7 @@ def kl_vs_entropy(df: pd.DataFrame, *, x: str = "entropy_nats", y: str = "kl_nat
                   log_y: bool = False, title: str | None = None, ax=None):
     """KL against target entropy: per-target points and per-bin mean lines per method; bounds as lines.
 
-    Rows whose method is a bound (`is_bound` true, or a method name ending in "_bound") are drawn
+    Rows that are bounds (`is_bound` true; a table without that column has none) are drawn
     as a black dashed line through their per-bin means (one line per bound method) with faint
     points; the other methods as coloured points with a line through their per-bin means.
     `max_entropy` (e.g. ln |V|) draws a dotted vertical line at the largest possible entropy.
@@ -111,8 +114,8 @@ def kl_vs_entropy(df: pd.DataFrame, *, x: str = "entropy_nats", y: str = "kl_nat
         ax.text(0.5, 0.5, "no rows", ha="center", va="center", transform=ax.transAxes)
         return fig
     top = max_entropy if max_entropy is not None else float(df[x].max())
-    edges = np.linspace(0.0, max(top, 1e-9), bins + 1)
-    bound = _is_bound(df, hue)
+    edges = analysis.entropy_bins(max(top, 1e-9), bins)
+    bound = _is_bound(df)
     prompts, bounds = df[~bound], df[bound]
     if not prompts.empty:
         order = list(dict.fromkeys(prompts[hue]))
@@ -278,7 +281,7 @@ def kl_vs_entropy_groups(df: pd.DataFrame, *, hue: str, col: str | None = None, 
     order = list(dict.fromkeys(df[hue])) if not df.empty else []
     colors = palette(order)
     top = max_entropy if max_entropy is not None else (float(df[x].max()) if not df.empty else 1.0)
-    edges = np.linspace(0.0, max(top, 1e-9), bins + 1)
+    edges = analysis.entropy_bins(max(top, 1e-9), bins)
     for ax, panel in zip(axes.flat, panels, strict=False):
         rows = df if panel is None else df[df[col] == panel]
         for name in order:

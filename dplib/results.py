@@ -32,13 +32,14 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
+
+from .files import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -140,40 +141,21 @@ def _now() -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_frame(df: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write a DataFrame atomically as CSV or parquet, chosen by the suffix."""
+    """Write a DataFrame atomically (`files.atomic_write`) as CSV or parquet, chosen by the suffix."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    if path.suffix not in (".csv", ".parquet"):
+        raise ValueError(f"unknown table format {path.suffix!r}: use .csv or .parquet")
+
+    def write(tmp: Path) -> None:
         if path.suffix == ".parquet":
             df.to_parquet(tmp, index=False)
-        elif path.suffix == ".csv":
+        else:
             # every string quoted: prompt texts can hold \r and other line breaks that csv's
             # minimal quoting leaves bare (and a reader would split the row there)
             df.to_csv(tmp, index=False, quoting=csv.QUOTE_NONNUMERIC)
-        else:
-            raise ValueError(f"unknown table format {path.suffix!r}: use .csv or .parquet")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return atomic_write(path, write)
 
 
 @contextlib.contextmanager
@@ -284,16 +266,8 @@ class Run:
         run.json under "figures", for the results index. `main=True` marks it as the run's main
         figure, the one the index shows as a thumbnail.
         """
-        path = self.path / "figures" / f"{name}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-        os.close(fd)
-        try:
-            fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        path = atomic_write(self.path / "figures" / f"{name}.png",
+                            lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png"))
         with self.editing() as meta:
             meta.setdefault("figures", {})[path.name] = alt or figure_title(fig) or name.replace("_", " ")
             if main:

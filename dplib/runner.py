@@ -23,20 +23,19 @@ derives each target's own generator from (config.seed, target_id), so a target's
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pandas as pd
 
 from . import lm
 from .cells import CellTask, cell_key, is_bound_method, probs_fingerprint, registry, result_rows
 from .executors import DEFAULT_RETRIES, make_executor
+from .methods import MethodSpec, make_config, method_specs
 from .results import Run, stable_hash, to_jsonable
-from .seeds import derive_seed
 from .store import CellStore, store_for
 from .targets import Targets
 
@@ -45,84 +44,6 @@ log = logging.getLogger(__name__)
 SWEEP_COLUMNS = frozenset({"run_id", "sweep", "model", "method", "variant", "is_bound", "seed", "batch", "status", "error", "kl_nats", "initial_kl_nats", "improvement_nats", "projected_kl_nats", "steps", "wall_s",
                            "batch_wall_s", "prompt_text", "prompt_text_exact", "prompt_ids"})
 DEFAULT_BATCH_SIZE = 32  # targets per optimiser call: near the CPU's efficient batch (docs/performance.md)
-
-
-# --------------------------------------------------------------------------------------------
-# Method specifications.
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """One column of a sweep: a registry method, its config parameters, and its label.
-
-    method: the registry name ("soft", "hard", "free_bound", "norm_bound", "layer_bound").
-    params: config field overrides (plain values), applied to the method's config class.
-    label: the `variant` column (default: the method name); lets one method appear with several
-        configs in a sweep, e.g. {"soft_L1": ("soft", {"prompt_length": 1}), "soft_L10": ...}.
-    """
-
-    method: str
-    params: Mapping = field(default_factory=dict)
-    label: str | None = None
-
-    @property
-    def name(self) -> str:
-        return self.label or self.method
-
-
-def method_specs(methods) -> list[MethodSpec]:
-    """Normalise the accepted forms of `methods` into MethodSpecs.
-
-    Accepted: "soft"; ["soft", "free_bound"]; {"soft": {"steps": 100}, "free_bound": {}};
-    {"soft_L10": ("soft", {"prompt_length": 10})}; a config instance as the value; MethodSpecs.
-    """
-    if isinstance(methods, str | MethodSpec):
-        methods = [methods]
-    specs = []
-    if isinstance(methods, Mapping):
-        for label, value in methods.items():
-            if isinstance(value, tuple):
-                method, params = value
-            else:
-                method, params = label, value
-            specs.append(MethodSpec(method, params if params is not None else {}, label))
-    else:
-        for item in methods:
-            if isinstance(item, MethodSpec):
-                specs.append(item)
-            elif isinstance(item, str):
-                specs.append(MethodSpec(item, {}, item))
-            elif isinstance(item, tuple) and len(item) in (2, 3):
-                specs.append(MethodSpec(item[0], item[1], item[2] if len(item) == 3 else item[0]))
-            else:
-                raise TypeError(f"cannot read method spec {item!r}: use a name, (name, params) or MethodSpec")
-    labels = [s.name for s in specs]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"method labels must be unique, got {labels}; give variants distinct labels")
-    if not specs:
-        raise ValueError("methods is empty: name at least one method, e.g. ['soft', 'free_bound']")
-    return specs
-
-
-def make_config(spec: MethodSpec, seed: int):
-    """The config instance of one cell: the spec's params, with the cell seed where the config has one."""
-    methods, configs = registry()
-    if spec.method not in methods:
-        raise KeyError(f"unknown method {spec.method!r}; registered: {sorted(methods)}")
-    params = spec.params
-    cls = configs.get(spec.method)
-    if dataclasses.is_dataclass(params) and not isinstance(params, type):
-        config = params
-    elif cls is None:
-        if params:
-            raise ValueError(f"method {spec.method!r} has no config class; cannot apply {dict(params)}")
-        return None
-    else:
-        config = cls(**dict(params))
-    if any(f.name == "seed" for f in dataclasses.fields(config)):
-        config = dataclasses.replace(config, seed=derive_seed(seed, spec.method))
-    return config
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,7 +169,7 @@ class SweepError(RuntimeError):
 
 def run_sweep(model, tokenizer, targets: Targets, methods, *, seeds: Sequence[int] | int = (0,),
               batch_size: int = DEFAULT_BATCH_SIZE, run: Run | None = None, name: str = "sweep",
-              model_name: str | None = None, progress: bool = True, stats: SweepStats | None = None,
+              model_name: str | None = None, progress: bool = True,
               store: CellStore | str | os.PathLike | None = None, executor=None,
               retries: int = DEFAULT_RETRIES, model_spec=None, allow_failed: bool = False) -> pd.DataFrame:
     """Run every target × method × seed; return one tidy row per cell target.
@@ -264,7 +185,6 @@ def run_sweep(model, tokenizer, targets: Targets, methods, *, seeds: Sequence[in
             tables/<name>_cells.csv, run.json "sweeps"/<name>).
         model_name: recorded in the `model` column (default: the model's name_or_path); the cell
             identity uses the model's fingerprint (`lm.fingerprint`), not its name.
-        stats: filled with the number of cells computed, reused and failed.
         store: the cell store (a `CellStore` or a folder); None: `<results root>/cells` of `run`,
             or no store (nothing reused, nothing kept) without a run.
         executor: where cells run: None or "local" (this process), "ray" (Ray workers: a local Ray,
@@ -283,7 +203,8 @@ def run_sweep(model, tokenizer, targets: Targets, methods, *, seeds: Sequence[in
         when the cell was computed), batch_wall_s, prompt_text (None where no text reproduces the
         prompt's ids), prompt_text_exact, prompt_ids (space-separated; None for bounds), cfg_<field>
         per config field, error (None, or why a failed cell failed).
-        Row order: method (as given), seed, target (as given).
+        Row order: method (as given), seed, target (as given). `table.attrs["stats"]`: the sweep's
+        `SweepStats` (cells computed, reused from the store, failed; wall seconds).
     Raises:
         SweepError: cells failed after their retries (unless `allow_failed`); its `table` has all rows.
     """
@@ -295,7 +216,7 @@ def run_sweep(model, tokenizer, targets: Targets, methods, *, seeds: Sequence[in
     model_name = model_name or model_name_of(model)
     model_fp = lm.fingerprint(model)
     run_id = run.run_id if run is not None else None
-    stats = stats if stats is not None else SweepStats()
+    stats = SweepStats()
     store = store_for(run, store)
     executor = make_executor(executor)
     t0 = time.perf_counter()
@@ -369,6 +290,7 @@ def run_sweep(model, tokenizer, targets: Targets, methods, *, seeds: Sequence[in
                                      error=failures[cell.key][0], **labels))
     table = pd.concat(frames, ignore_index=True)
     trace_table = pd.concat(traces, ignore_index=True) if traces else pd.DataFrame()
+    table.attrs["stats"] = stats
     stats.wall_s = time.perf_counter() - t0
     if run is not None:
         run.save_table(table, name, "csv")
@@ -439,21 +361,3 @@ def results_table(found: Mapping, targets: Targets, *, seed: int = 0, model_name
     if run is not None:
         run.save_table(table, name, "csv")
     return table
-
-
-def load_sweep(run: Run, name: str = "sweep") -> pd.DataFrame:
-    """The stored rows of every finished cell of a sweep (also of one still running or killed).
-
-    Read from the run's cells table and the store its run.json names; each row carries its labels
-    (run_id, sweep, variant, method, seed, batch) and the stored metrics, but not the targets'
-    metadata (kept only in the sweep's full table).
-    """
-    cells = run.load_table(f"{name}_cells")
-    store = CellStore(run.meta["sweeps"][name]["store"])
-    frames = []
-    for cell in cells.itertuples(index=False):
-        got = store.get(cell.key)
-        if got is not None:
-            frames.append(got[0].assign(run_id=run.run_id, sweep=name, variant=cell.variant, method=cell.method,
-                                        seed=cell.seed, batch=cell.batch))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -60,6 +60,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from helpers import attr_path
 
 H, LAYERS, HEADS, KV_HEADS, HEAD_DIM, MLP, MAX_POS = 64, 2, 4, 2, 16, 128, 256
 VOCAB, PAD_TO = 380, 64
@@ -132,10 +133,6 @@ LAYERS_PATH: dict[str, str] = {f: s.layers for f, s in _SPECS.items()}
 """Attribute path of each family's decoder-layer list, from the CausalLM."""
 
 
-def _get(obj, path: str):
-    for name in path.split("."):
-        obj = getattr(obj, name)
-    return obj
 
 
 def build(family: str, *, seed: int = 0):
@@ -161,14 +158,14 @@ def build(family: str, *, seed: int = 0):
         with torch.no_grad():
             model.get_input_embeddings().weight.normal_(0.0, 0.12)
             if spec.position_embedding is not None:
-                _get(model, spec.position_embedding).weight.normal_(0.0, 0.12)
+                attr_path(model, spec.position_embedding).weight.normal_(0.0, 0.12)
             head = model.get_output_embeddings()
             if head.weight is not model.get_input_embeddings().weight:
                 # Untied heads get their own std: the default init (0.02) gives near-uniform outputs.
                 head.weight.normal_(0.0, spec.head_std)
             if getattr(head, "bias", None) is not None:
                 head.bias.normal_(0.0, 0.5)
-            norms = [_get(model, spec.final_norm)]
+            norms = [attr_path(model, spec.final_norm)]
             if family == "bloom":
                 norms.append(model.transformer.word_embeddings_layernorm)
             for norm in norms:

@@ -45,3 +45,17 @@ def in_thread(fn, timeout=60.0) -> dict:
     thread.join(timeout)
     assert not thread.is_alive(), f"still running after {timeout} s: it hangs"
     return out
+
+
+def attr_path(obj, path: str):
+    """obj.a.b.c for path "a.b.c" (where a family keeps its final norm or its layers)."""
+    for name in path.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+def missing_as_none(df: pd.DataFrame) -> pd.DataFrame:
+    """Missing values as None, every column object: a table read back from CSV has NaN for None and
+    cannot tell an empty string from a missing one, so compare tables in this form."""
+    df = df.astype(object)
+    return df.where(df.notna() & (df != ""), None)

@@ -1,6 +1,6 @@
-"""The comparison tables of notebooks 02–05 (dplib.analysis): matched differences, paired
-comparisons, the projection rows, and the bottleneck hierarchy. Small hand-made tables whose
-answers are known; bin_summary / top_tokens are tested in test_plotting.py."""
+"""dplib.analysis: per-bin summaries, the top-token table, the comparison tables of notebooks 02–05
+(matched differences, paired comparisons, the projection rows) and the bottleneck hierarchy. Small
+hand-made tables whose answers are known."""
 
 from __future__ import annotations
 
@@ -273,3 +273,45 @@ def test_bin_summary_range_by_gives_each_model_its_own_range():
     assert out["n"].tolist() == [2, 2, 2, 2]
     with pytest.raises(ValueError, match="range_by"):
         analysis.bin_summary(df, by=["method"], bins=2, range_by=["model"])
+
+
+# ---- bin_summary and top_tokens ----------------------------------------------------------
+
+
+def test_bin_summary_means_sem_and_ci():
+    df = pd.DataFrame({"method": "soft", "entropy_nats": [0.1, 0.2, 0.3, 2.9, 3.0],
+                       "kl_nats": [1.0, 2.0, 3.0, 10.0, 20.0]})
+    out = analysis.bin_summary(df, bins=[0.0, 1.5, 3.0])
+    assert out["n"].tolist() == [3, 2]  # the right edge is closed: 3.0 lands in the last bin
+    assert out["mean"].tolist() == pytest.approx([2.0, 15.0])
+    assert out["sem"].iloc[0] == pytest.approx(1.0 / np.sqrt(3))
+    assert (out["ci_low"] <= out["mean"]).all() and (out["mean"] <= out["ci_high"]).all()
+    again = analysis.bin_summary(df, bins=[0.0, 1.5, 3.0])
+    pd.testing.assert_frame_equal(out, again)  # the bootstrap is seeded
+    with pytest.raises(KeyError, match="missing|not in the table"):
+        analysis.bin_summary(df, value="nope")
+
+
+def test_bin_summary_single_value_bins_and_groups():
+    df = pd.DataFrame({"method": ["a", "b"], "entropy_nats": [0.5, 0.5], "kl_nats": [1.0, 2.0]})
+    out = analysis.bin_summary(df, bins=2)
+    assert out["method"].tolist() == ["a", "b"] and out["n"].tolist() == [1, 1]
+    assert np.isnan(out["sem"]).all() and (out["ci_low"] == out["mean"]).all()
+    wide = analysis.pivot_bins(out)
+    assert list(wide.columns) == ["bin_left", "bin_right", "a", "b"]
+
+
+def test_top_tokens_long_form(tiny):
+    import torch
+
+    model, tok = tiny
+    p = torch.zeros(2, 384)
+    p[0, 65], p[0, 66], p[1, 70] = 0.7, 0.3, 1.0
+    q = torch.full((2, 384), 1.0 / 384).log()
+    top = analysis.top_tokens(p, {"soft": q}, tok, n=2, target_ids=["x", "y"])
+    assert list(top.columns) == ["target_id", "rank", "token_id", "token", "source", "prob"]
+    assert len(top) == 2 * 2 * 2
+    first = top[(top.target_id == "x") & (top.source == "target")]
+    assert first["token_id"].tolist() == [65, 66] and first["prob"].tolist() == pytest.approx([0.7, 0.3])
+    assert top[top.source == "soft"]["prob"].tolist() == pytest.approx([1 / 384] * 4)
+    assert first["rank"].tolist() == [0, 1]

@@ -36,3 +36,14 @@ def test_revision_renews_a_methods_keys_only(monkeypatch):
     monkeypatch.setitem(optim.REVISIONS, "hard", optim.REVISIONS["hard"] + 1)
     assert cells.cell_key("fp", "hard", HardConfig(), 0, b) != before
     assert cells.cell_key("fp", "soft", SoftConfig(), 0, b) == stable_hash(plain, cells.KEY_CHARS)
+
+
+def test_bounds_are_the_output_layer_methods_or_a_result_that_says_so():
+    assert cells.is_bound_method("free_bound") and cells.is_bound_method("norm_bound")
+    assert not cells.is_bound_method("layer_bound")  # a local optimum through the upper layers, not a bound
+    assert not cells.is_bound_method("soft")
+
+    class Certified:
+        meta = {"is_bound": True}
+
+    assert cells.is_bound_method("my_bound_method", Certified())

@@ -26,6 +26,7 @@ import math
 import pytest
 import torch
 from families import FAMILIES, LAYERS_PATH, build, full_forward_logprobs
+from helpers import attr_path
 
 from dplib import lm, targets
 from dplib.optim import CONFIGS, METHODS, score_prompt_text
@@ -47,10 +48,6 @@ def _kl(p: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     return (torch.special.xlogy(p, p) - p * logq.double()).sum(-1)
 
 
-def _get(obj, path: str):
-    for name in path.split("."):
-        obj = getattr(obj, name)
-    return obj
 
 
 def _context_ids(tok, text: str) -> list[int]:
@@ -110,7 +107,7 @@ def _check_layer(family, model, tok, batch, res):
         hidden[:, 1:1 + L] = res.prompt_embeds.to(hidden.dtype)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
-    handle = _get(model, LAYERS_PATH[family])[layer].register_forward_hook(inject)
+    handle = attr_path(model, LAYERS_PATH[family])[layer].register_forward_hook(inject)
     try:
         init = torch.tensor(res.meta["init_ids"])
         ids = torch.cat([torch.full((len(batch), 1), tok.bos_token_id), init], dim=1)

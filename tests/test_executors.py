@@ -87,7 +87,7 @@ def test_in_process_executor_yields_every_cell(tiny, grid):
 def test_notebooks_take_an_executor_that_is_not_part_of_the_run_id(name, tmp_path):
     path = notebooks.notebooks_dir() / f"{name}.ipynb"
     assert notebooks.default_parameters(path)["executor"] == "local"  # make reproduce: in process
-    source = "".join("".join(c["source"]) for c in notebooks._read(path)["cells"] if c["cell_type"] == "code")
+    source = "".join("".join(c["source"]) for c in notebooks.params._read(path)["cells"] if c["cell_type"] == "code")
     assert source.count("runner.run_sweep(") == source.count("executor=executor")
     local, _ = notebooks.run_parameters(path, results_dir=tmp_path)
     remote, inject = notebooks.run_parameters(path, results_dir=tmp_path, executor="ray")

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from families import FAMILIES, FINAL_NORM, LAYERS_PATH, WIDTH, build, full_forward_logprobs
+from helpers import attr_path
 
 TEXTS = ["The quick brown fox jumps", "Hello world, this is", "In the beginning there was",
          "numbers 1 2 3 4 5", "abc def ghi jkl"]
@@ -14,10 +15,6 @@ REQUIRED = {"llama", "gemma3", "gemma2", "gpt2", "gpt_neox", "opt", "phi", "qwen
             "olmo", "cohere", "granite"}
 
 
-def _get(obj, path):
-    for name in path.split("."):
-        obj = getattr(obj, name)
-    return obj
 
 
 def _prompts(tok, n_tokens=4, long=False):
@@ -42,8 +39,8 @@ def test_family(family):
     assert model.dplib_source == {"name": f"tiny-{family}", "kind": "tiny", "seed": 0, "cache_hit": None}
     assert not model.training
     assert all(not p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
-    assert len(_get(model, LAYERS_PATH[family])) == 2
-    assert isinstance(_get(model, FINAL_NORM[family]), torch.nn.Module)
+    assert len(attr_path(model, LAYERS_PATH[family])) == 2
+    assert isinstance(attr_path(model, FINAL_NORM[family]), torch.nn.Module)
 
     # Width, and an opinionated next-token distribution.
     lp = full_forward_logprobs(model, _prompts(tok))
@@ -73,7 +70,7 @@ def test_family(family):
 def test_final_norm_and_head_terms_are_random(family):
     """The final norm's weight/bias and any head bias are far from their identity/zero init."""
     model, _ = build(family)
-    norm = _get(model, FINAL_NORM[family])
+    norm = attr_path(model, FINAL_NORM[family])
     params = dict(norm.named_parameters())
     if family == "olmo":
         assert params == {}  # OLMo's final LayerNorm has no parameters

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1] / "dplib"
 
 # Bottom to top. Each entry is a top-level module or package of dplib (its submodules go with it).
 LAYERS = [
-    ("foundations", {"metrics", "seeds"}),  # pure tensor functions; seed derivation
+    ("foundations", {"metrics", "seeds", "files"}),  # pure tensor functions; seed derivation; atomic file writes
     ("models", {"models", "lm"}),  # loading models; what dplib reads from a model
     ("targets", {"targets"}),  # target distributions
     ("answers", {"answers"}),  # targets over answer strings, and scoring them
@@ -27,7 +27,7 @@ LAYERS = [
     # results is a leaf (run directories, run.json): the runner, its cells and the store write
     # runs through it, so it sits below them (not after the runner, as issue 12 first drew it).
     ("results", {"results"}),
-    ("runner", {"cells", "store", "executors", "ray_executor", "runner", "proposers", "designs"}),  # studies
+    ("runner", {"cells", "methods", "store", "executors", "ray_executor", "runner", "proposers", "designs"}),  # studies
     ("analysis", {"analysis", "findings"}),  # statistics on results tables
     ("plotting", {"plotting"}),  # tidy table in, Figure out
     ("apps", {"notebooks", "playground", "__main__"}),  # entry points
@@ -56,7 +56,15 @@ MODELS_LAYERS = [
 ]
 # Every package whose modules are ordered: (package, its layers). A module may import its own group and those before it,
 # never the package itself (its __init__ imports them all).
-PACKAGE_LAYERS = [("targets", TARGETS_LAYERS), ("lm", LM_LAYERS), ("models", MODELS_LAYERS)]
+# The packages split by job (issue 12), bottom to top.
+SPLIT_LAYERS = {
+    "answers": [{"sets"}, {"strings"}],  # answer sets and their targets; scoring strings
+    "analysis": [{"stats"}, {"hierarchy", "labels"}],  # bins, bootstrap, comparisons; the hierarchy; token tables
+    "findings": [{"rows"}, {"claims"}, {"text"}],  # the verdict row and checks; the verdicts; prose
+    "notebooks": [{"params"}, {"checks"}, {"index"}, {"execute"}],  # parameters; checks; the index; running
+}
+PACKAGE_LAYERS = [("targets", TARGETS_LAYERS), ("lm", LM_LAYERS), ("models", MODELS_LAYERS),
+                  *SPLIT_LAYERS.items()]
 # dplib.optim modules that import no other optim module: the shared types and the generic solver harness.
 OPTIM_FOUNDATIONS = {"common", "lockstep", "bound_objective"}
 
@@ -199,8 +207,13 @@ def public_names_defined_in(package) -> dict[str, str]:
     found = {}
     for info in pkgutil.iter_modules(package.__path__):
         module = importlib.import_module(f"{package.__name__}.{info.name}")
+        tree = ast.parse(Path(module.__file__).read_text())
+        assigned = {t.id for node in tree.body if isinstance(node, ast.Assign | ast.AnnAssign)
+                    for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)}
         for name, value in vars(module).items():
-            defined_here = getattr(value, "__module__", module.__name__) == module.__name__
+            # a constant has no __module__: it is this module's when this module assigns it (not imports it)
+            defined_here = (getattr(value, "__module__", module.__name__) == module.__name__
+                            and (hasattr(value, "__module__") or name in assigned))
             if not name.startswith("_") and defined_here and not inspect.ismodule(value) \
                     and (callable(value) or name.isupper()):
                 found[name] = info.name

@@ -19,6 +19,8 @@ import torch
 
 ray = pytest.importorskip("ray", reason="Ray is the optional extra dplib[ray]; `make setup` installs it")
 
+from helpers import missing_as_none  # noqa: E402
+
 from dplib import results, runner, targets  # noqa: E402
 from dplib.executors import ModelSpec  # noqa: E402
 from dplib.ray_executor import RayExecutor  # noqa: E402
@@ -55,10 +57,6 @@ def grid(tiny):
     return targets.vanilla(width, targets.entropy_grid(width, 6).tolist(), seed=0)
 
 
-def _norm(df: pd.DataFrame) -> pd.DataFrame:
-    """Missing values as None, every column object: a table read back from CSV has NaN for None."""
-    df = df.astype(object)
-    return df.where(df.notna() & (df != ""), None)
 
 
 def _finished(store_dir) -> dict:
@@ -192,5 +190,5 @@ def test_a_driver_killed_mid_sweep_resumes(local_ray, tiny, grid, tmp_path):
         torch.set_num_threads(threads)
     table = run.load_table("sweep")
     assert len(table) == 6 and not table.duplicated(["variant", "seed", "target_id"]).any()
-    pd.testing.assert_frame_equal(_norm(table.drop(columns=[*VOLATILE, "run_id"])),
-                                  _norm(clean.drop(columns=[*VOLATILE, "run_id"])), check_dtype=False)
+    pd.testing.assert_frame_equal(missing_as_none(table.drop(columns=[*VOLATILE, "run_id"])),
+                                  missing_as_none(clean.drop(columns=[*VOLATILE, "run_id"])), check_dtype=False)

@@ -12,11 +12,12 @@ from helpers import own_distribution, random_targets
 from dplib import lm
 from dplib.lm import allowed_tokens, embed, kl_from_logprobs
 from dplib.models import tiny_model
-from dplib.optim import soft as soft_module
+from dplib.optim import prompt_vectors as engine
 from dplib.optim.bound import norm_bound
 from dplib.optim.common import BestTracker
 from dplib.optim.hard import score_prompt_text
-from dplib.optim.soft import SoftConfig, _lr_at, nearest_tokens, optimize_soft
+from dplib.optim.prompt_vectors import _lr_at
+from dplib.optim.soft import SoftConfig, nearest_tokens, optimize_soft
 from dplib.seeds import derive_seed, generator
 from dplib.targets import TargetError, logits_width
 
@@ -222,9 +223,9 @@ def test_restarts_keep_the_best_of_separate_runs(tiny, monkeypatch):
     batch = optimize_soft(model, tok, targets, config, progress=False)
     assert batch.trace.shape == (11, 3) and batch.prompt_embeds.shape[:2] == (3, 3)
     separate = []
-    seed_of = soft_module._restart_seed
+    seed_of = engine._restart_seed
     for r in range(3):
-        monkeypatch.setattr(soft_module, "_restart_seed", lambda c, t, k, _r, r=r: seed_of(c, t, k, r))
+        monkeypatch.setattr(engine, "_restart_seed", lambda c, t, k, _r, r=r: seed_of(c, t, k, r))
         separate.append(optimize_soft(model, tok, targets, dataclasses.replace(config, restarts=1), progress=False))
     monkeypatch.undo()
     kls = torch.stack([s.kl for s in separate], dim=1)  # (T, R)

@@ -60,16 +60,16 @@ def test_runs_and_notebooks_share_cells(tiny, grid, tmp_path):
     their own labels and target metadata."""
     model, tok = tiny
     first_run = results.start_run("01_nb", {"n_bins": 3}, results_dir=tmp_path)
-    stats = runner.SweepStats()
     first = runner.run_sweep(model, tok, grid, {"soft": SOFT, "free_bound": {}}, batch_size=2, run=first_run,
-                             progress=False, stats=stats)
+                             progress=False)
+    stats = first.attrs["stats"]
     assert (stats.computed, stats.reused) == (6, 0)
 
     rerun = results.start_run("01_nb", {"n_bins": 4}, results_dir=tmp_path)
     assert rerun.path != first_run.path
-    stats = runner.SweepStats()
     again = runner.run_sweep(model, tok, grid, {"soft": SOFT, "free_bound": {}}, batch_size=2, run=rerun,
-                             progress=False, stats=stats)
+                             progress=False)
+    stats = again.attrs["stats"]
     assert (stats.computed, stats.reused) == (0, 6)
     pd.testing.assert_frame_equal(again.drop(columns=["run_id"]), first.drop(columns=["run_id"]))
     assert (again["run_id"] == rerun.run_id).all()
@@ -77,9 +77,9 @@ def test_runs_and_notebooks_share_cells(tiny, grid, tmp_path):
 
     other_run = results.start_run("02_nb", {}, results_dir=tmp_path)
     relabelled = targets.Targets(grid.probs, grid.meta.assign(source="mine"))
-    stats = runner.SweepStats()
     other = runner.run_sweep(model, tok, relabelled, {"soft_main": ("soft", SOFT), "hard": HARD}, batch_size=2,
-                             run=other_run, name="other", model_name="tiny", progress=False, stats=stats)
+                             run=other_run, name="other", model_name="tiny", progress=False)
+    stats = other.attrs["stats"]
     assert (stats.computed, stats.reused) == (3, 3)  # the soft cells were there, the hard ones were not
     assert set(other["variant"]) == {"soft_main", "hard"} and (other["sweep"] == "other").all()
     assert (other["model"] == "tiny").all() and (other["source"] == "mine").all()
@@ -89,9 +89,9 @@ def test_runs_and_notebooks_share_cells(tiny, grid, tmp_path):
 
 def test_equal_cells_in_one_sweep_are_computed_once(tiny, grid, tmp_path):
     model, tok = tiny
-    stats = runner.SweepStats()
     df = runner.run_sweep(model, tok, grid[[0, 1]], {"a": ("soft", SOFT), "b": ("soft", SOFT)},
-                          store=tmp_path, progress=False, stats=stats)
+                          store=tmp_path, progress=False)
+    stats = df.attrs["stats"]
     assert stats.computed == 1 and len(CellStore(tmp_path).keys()) == 1
     assert df.groupby("variant")["kl_nats"].apply(list).to_dict() == {
         "a": df.loc[df.variant == "a", "kl_nats"].tolist(), "b": df.loc[df.variant == "a", "kl_nats"].tolist()}
@@ -106,9 +106,8 @@ def test_models_that_share_a_name_never_share_cells_across_runs(tiny, grid, tmp_
         edited.get_output_embeddings().weight.mul_(1.5)
     runner.run_sweep(model, tok, grid, {"free_bound": {}}, run=results.start_run("a", {}, results_dir=tmp_path),
                      model_name="same", progress=False)
-    stats = runner.SweepStats()
-    runner.run_sweep(edited, tok, grid, {"free_bound": {}}, run=results.start_run("b", {}, results_dir=tmp_path),
-                     model_name="same", progress=False, stats=stats)
+    stats = runner.run_sweep(edited, tok, grid, {"free_bound": {}}, run=results.start_run("b", {}, results_dir=tmp_path),
+                             model_name="same", progress=False).attrs["stats"]
     assert stats.reused == 0 and stats.computed == 1 and len(CellStore(tmp_path / "cells").keys()) == 2
 
 
@@ -133,10 +132,10 @@ def test_a_failing_cell_is_retried_then_reported_and_not_stored(tiny, grid, tmp_
 
     # a cell that fails every time: 1 + retries attempts, then status "failed"; the other cells are kept
     bad = {"soft": {"steps": 2, "prompt_length": 300}, "free_bound": {}}  # 301 positions > the tiny model's 256
-    stats = runner.SweepStats()
     with pytest.raises(runner.SweepError, match="failed after 2 attempts") as err:
-        runner.run_sweep(model, tok, grid, bad, batch_size=3, run=run, retries=1, progress=False, stats=stats)
+        runner.run_sweep(model, tok, grid, bad, batch_size=3, run=run, retries=1, progress=False)
     table = err.value.table
+    stats = table.attrs["stats"]
     assert (stats.computed, stats.failed) == (2, 2)
     failed = table[table.method == "soft"]
     assert (failed["status"] == "failed").all() and failed["kl_nats"].isna().all()
@@ -149,8 +148,8 @@ def test_a_failing_cell_is_retried_then_reported_and_not_stored(tiny, grid, tmp_
     assert run.meta["sweeps"]["sweep"]["status"] == "failed" and run.meta["sweeps"]["sweep"]["cells_failed"] == 2
     assert len(CellStore(tmp_path / "cells").keys()) == 1 + 2  # flaky's cell and the two bound cells
 
-    stats = runner.SweepStats()
     reported = runner.run_sweep(model, tok, grid, bad, batch_size=3, run=run, retries=0, progress=False,
-                                stats=stats, allow_failed=True)
+                                allow_failed=True)
+    stats = reported.attrs["stats"]
     assert (stats.computed, stats.reused, stats.failed) == (0, 2, 2)  # failures are retried on a re-run
     assert reported["status"].tolist() == table["status"].tolist()

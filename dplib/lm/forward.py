@@ -101,10 +101,15 @@ def continuation_logprobs(model, context_embeds: Tensor, continuation_embeds: Te
     return torch.log_softmax(head.logits(hidden.reshape(b * k, d)), dim=-1).reshape(b, k, -1)
 
 
-def kl_from_logprobs(target_probs: Tensor, model_logprobs: Tensor) -> Tensor:
-    """KL(p ‖ q) per row for (batch, vocab) target probabilities and model log-probabilities; float32.
+def kl_from_logprobs(target_probs: Tensor, model_logprobs: Tensor, neg_entropy: Tensor | None = None) -> Tensor:
+    """KL(p ‖ q) per row, nats: (..., vocab) target probabilities and model log-probabilities → (...,).
 
-    The hot-path form of `metrics.kl`: xlogy gives 0·log 0 = 0 exactly.
+    The hot-path form of `metrics.kl`: xlogy gives 0·log 0 = 0 exactly. Computed in float32 (float64
+    inputs stay float64). neg_entropy: (...,) Σ p log p of the same rows, precomputed, for callers that
+    score many prompts against one target (the hard search, the bounds); the result is then
+    neg_entropy − Σ p log q.
     """
-    p = target_probs.float()
-    return (torch.special.xlogy(p, p) - p * model_logprobs).sum(-1)
+    p = target_probs if target_probs.dtype == torch.float64 else target_probs.float()
+    if neg_entropy is None:
+        return (torch.special.xlogy(p, p) - p * model_logprobs).sum(-1)
+    return neg_entropy - (p * model_logprobs).sum(-1)

@@ -13,6 +13,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from ..files import atomic_write
+
 log = logging.getLogger(__name__)
 
 
@@ -73,18 +75,15 @@ def write_cache_file(subdir: str, name: str, write) -> Path | None:
     directory = writable_cache_dir(subdir)
     if directory is None:
         return None
-    tmp = None
-    try:
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=f".{name}.", delete=False) as f:
-            tmp = f.name
+    def fill(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
             write(f)
-        os.replace(tmp, directory / name)
+
+    try:
+        return atomic_write(directory / name, fill)
     except OSError as err:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
         _cache_unusable(directory, err)
         return None
-    return directory / name
 
 
 def _file_sha256(path: Path) -> str:

@@ -18,7 +18,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """`"auto"` → bfloat16 on GPU, float32 on CPU (CPU bf16 matmuls are ~100x slower here)."""
+    """`"auto"` → bfloat16 on GPU, float32 on CPU (16-bit matmuls are far slower on a CPU without 16-bit instructions: docs/performance.md)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":

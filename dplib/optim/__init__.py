@@ -28,12 +28,16 @@ CONFIGS = {
     "layer_bound": LayerBoundConfig,
 }
 
+# The methods whose KL bounds every prompt's from below (the output layer alone: free, or norm-constrained); their
+# rows are drawn as bound lines. Not layer_bound: found by Adam through the upper layers, its optimum is local.
+BOUNDS = frozenset({"free_bound", "norm_bound"})
+
 # A method's revision: bump it when the method's results change for the same config (a new algorithm, not a new
 # knob), so that the cell store recomputes cells of older revisions instead of serving them. Absent = 1.
 # hard 2: candidates scored after the cache of the prompt tokens they share with their prompt (float rounding
 # differs, so the search's path can differ).
 REVISIONS = {"hard": 2}
 
-__all__ = ["CONFIGS", "METHODS", "REVISIONS", "BestTracker", "BoundConfig", "LayerBoundConfig", "OutputLayer", "Result",
+__all__ = ["BOUNDS", "CONFIGS", "METHODS", "REVISIONS", "BestTracker", "BoundConfig", "LayerBoundConfig", "OutputLayer", "Result",
            "SoftConfig", "HardConfig", "optimize_hard", "score_prompt_text", "free_bound", "layer_bound",
            "next_token_logprobs", "norm_bound", "optimize_soft", "output_layer"]

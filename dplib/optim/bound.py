@@ -28,9 +28,7 @@ W's rows (the Hessian at the uniform distribution). Restarting loses nothing (Ne
 state between iterations); f and ∇f stay exact, only the coordinates change. Far from the optimum a Newton-CG step from a start
 point's preconditioner can land where the next needs a thousand products, so the first restart is
 `GLOBAL_ITERS` iterations of SciPy's trust-krylov, whose trust region keeps early steps sane.
-Measured with benchmarks/soft_step.py's 64 SmolLM2 targets: 4,117 batched requests and 207 s with
-one whitened Newton-CG per target; 456 requests and 45-48 s with this schedule, the same bounds
-(to the 4 decimals recorded before; two restart settings agree to 1.4e-7).
+What this schedule saves is measured by benchmarks/soft_step.py (docs/performance.md).
 A target stops when its float64 gradient norm ‖∇_h KL‖ ≤ `tol` (checked after every iteration), after
 `max_iter` iterations in all, or when a restart makes no progress; `meta["converged"]` says which.
 A least-squares warm start (‖W h + c·1 − log p‖², via the (d+1)×(d+1) normal equations) is exact for
@@ -56,9 +54,9 @@ from .. import lm
 from ..lm import output_layer
 from ..targets import Targets
 from .bound_objective import _gram, _least_squares_start, _Objective, _row_covariance, _Sphere
-from .common import Result, is_int, require
+from .common import Result, is_int, is_real, require
 from .lockstep import SOLVERS, solve
-from .soft import PromptVectorsConfig, run_vectors
+from .prompt_vectors import PromptVectorsConfig, run_vectors
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +76,7 @@ class BoundConfig:
     max_batch: int = 64  # targets per chunk (memory: a few (max_batch, vocab) float64 arrays)
 
     def __post_init__(self):
-        require(isinstance(self.tol, (int, float)) and not isinstance(self.tol, bool)
-               and math.isfinite(self.tol) and self.tol > 0,
+        require(is_real(self.tol) and math.isfinite(self.tol) and self.tol > 0,
                f"tol={self.tol!r}: use a finite gradient-norm tolerance > 0, e.g. 1e-6 (an infinite or NaN "
                "tol would report any point, however far from the optimum, as a converged bound).")
         require(is_int(self.max_iter) and self.max_iter >= 1, f"max_iter={self.max_iter!r}: use an integer ≥ 1.")

@@ -14,6 +14,8 @@ import math
 import torch
 from torch import Tensor
 
+from ..lm import kl_from_logprobs
+
 PRECOND_TOKENS = 2048  # tokens whose Hessian terms the preconditioner keeps exactly (512-8192 alike)
 TAIL_FLOOR = 1e-3  # least vocabulary-tail mass the preconditioner assumes, so it never trusts a flat direction
 
@@ -54,7 +56,7 @@ class _Objective:
         logq = torch.log_softmax(z, dim=-1)
         q = logq.exp()
         p = self.p[rows]
-        kl = self.neg_entropy[rows] - (p * logq).sum(-1)
+        kl = kl_from_logprobs(p, logq, self.neg_entropy[rows])
         r = q - p  # ∂KL/∂z
         grad = self.s * ((r if slope is None else r * slope) @ self.w)
         return kl, grad, (q, slope, None if curve is None else r * curve)

@@ -29,6 +29,11 @@ def is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def is_real(x) -> bool:
+    """An int or a float that is not a bool (finiteness is the caller's rule)."""
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
 # --------------------------------------------------------------------------------------------
 # Best-so-far tracking with per-target early stopping.
 # --------------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .. import lm
-from ..lm import allowed_tokens, embed, last_hidden, logits_width, output_layer
+from ..lm import allowed_tokens, embed, logits_width, output_layer
 from ..seeds import derive_seed, generator
 from ..targets import Targets
 from .common import BestTracker, Result
@@ -91,8 +91,8 @@ def _token_gradient(model, head, fmt_ids: tuple[Tensor, Tensor], prompt_ids: Ten
     with torch.enable_grad():
         prompt_embeds = embed(model, prompt_ids).detach().requires_grad_(True)  # (T, L, d_model)
         inputs = torch.cat([fixed_pre, prompt_embeds, fixed_suf], dim=1)
-        logprobs = torch.log_softmax(head.logits(last_hidden(model, inputs)), dim=-1)
-        kl = neg_entropy - (target_probs * logprobs).sum(-1)
+        logprobs = lm.next_token_logprobs(model, inputs, head=head)
+        kl = lm.kl_from_logprobs(target_probs, logprobs, neg_entropy)
         (grad,) = torch.autograd.grad(kl.sum(), prompt_embeds)
     # d loss / d onehot[t, i, v] = s · <grad[t, i], E[v]>
     onehot_grad = (grad.to(emb_weight.dtype) @ emb_weight.T).float()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .common import is_int, is_real, require
+
 __all__ = ["HardConfig"]
 
 
@@ -46,8 +48,7 @@ class HardConfig:
 
     def __post_init__(self):
         def need(ok: bool, msg: str):
-            if not ok:
-                raise ValueError(f"HardConfig: {msg}")
+            require(ok, f"HardConfig: {msg}")
 
         if isinstance(self.init_text, list):  # a JSON round trip gives a list: keep the frozen form
             object.__setattr__(self, "init_text", tuple(self.init_text))
@@ -63,16 +64,15 @@ class HardConfig:
             value = getattr(self, name)
             if name in ("prompt_length", "n_swaps_end") and value is None:
                 continue
-            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+            need(is_int(value) and value >= 1,
                  f"{name} must be an integer ≥ 1, got {value!r}.")
         for name in ("patience", "restart_after"):
             value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+            need(is_int(value) and value >= 0,
                  f"{name} must be an integer ≥ 0 (0 = never), got {value!r}.")
-        need(isinstance(self.copy_share, (int, float)) and not isinstance(self.copy_share, bool)
-             and 0.0 <= self.copy_share <= 1.0,
+        need(is_real(self.copy_share) and 0.0 <= self.copy_share <= 1.0,
              f"copy_share must be a number in [0, 1] (0 = gradient proposals only), got {self.copy_share!r}.")
-        need(isinstance(self.seed, int) and not isinstance(self.seed, bool), f"seed must be an integer, got {self.seed!r}.")
+        need(is_int(self.seed), f"seed must be an integer, got {self.seed!r}.")
         for name in ("n_swaps", "n_swaps_end"):
             value = getattr(self, name)
             need(self.prompt_length is None or value is None or value <= self.prompt_length,

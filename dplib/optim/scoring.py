@@ -85,7 +85,7 @@ def score_kl(model, head: OutputLayer, ids: Tensor, owner: Tensor, target_probs:
     def chunk(a: int, b: int) -> None:
         logprobs = score_forward(model, head, ids[a:b], context_ids)
         rows = owner[a:b]
-        kl[a:b] = neg_entropy[rows] - (target_probs[rows] * logprobs).sum(-1)
+        kl[a:b] = lm.kl_from_logprobs(target_probs[rows], logprobs, neg_entropy[rows])
         if out is not None:
             out[a:b] = logprobs
 
@@ -145,7 +145,7 @@ def score_kl_after_shared(model, head: OutputLayer, prefix_ids: Tensor, current:
             contexts, index = who.unique(return_inverse=True)
             context_ids = torch.cat([prefix_ids.expand(len(contexts), -1), current[contexts, :s]], dim=1)
             logprobs = score_forward(model, head, rest, context_ids, index)  # (nothing shared: whole sequences)
-            kl[mine] = neg_entropy[who] - (target_probs[who] * logprobs).sum(-1)
+            kl[mine] = lm.kl_from_logprobs(target_probs[who], logprobs, neg_entropy[who])
 
         with torch.no_grad():
             chunker.run(len(rows), chunk)
@@ -175,6 +175,6 @@ def score_prompt_text(model, tokenizer, texts: Sequence[str], targets: Targets, 
             ids = torch.tensor([frame.encode(text)], device=device)
             logprobs = score_forward(model, head, ids)[0].cpu()
             p = targets.probs[i].float().cpu()
-            kls.append((torch.special.xlogy(p, p) - p * logprobs).sum())
+            kls.append(lm.kl_from_logprobs(p, logprobs))
             rows.append(logprobs)
     return torch.stack(kls), torch.stack(rows)

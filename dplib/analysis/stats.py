@@ -1,9 +1,5 @@
-"""Tidy-table summaries for the notebooks: per-bin means with uncertainty, top-token tables.
-
-`bin_summary` turns a sweep's one-row-per-target table into one row per (group, entropy bin) with
-the mean, its standard error and a percentile-bootstrap confidence interval. `top_tokens` turns
-target and achieved distributions into the long table `plotting.distributions` draws. Tables in,
-tables out; nothing here plots.
+"""Statistics on tidy tables: entropy bins, seeded percentile-bootstrap intervals, per-bin and per-group
+summaries, matched and paired comparisons, ratios of means.
 
 Every interval here is a percentile bootstrap computed by one helper, `bootstrap_interval`, seeded per
 group with `group_seed(seed, key)` (a hash of the base seed and the group's key): a group's interval
@@ -18,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .seeds import derive_seed
+from ..seeds import derive_seed
 
 
 def entropy_bins(max_entropy: float, n_bins: int) -> np.ndarray:
@@ -109,12 +105,12 @@ def bin_summary(df: pd.DataFrame, value: str = "kl_nats", *, by: Sequence[str] =
         raise ValueError(f"bin_summary: range_by {range_by} must be columns of by {by}")
     if range_by and isinstance(bins, int):
         parts = [bin_summary(part, value, by=by, x=x, bins=entropy_bins(float(part[x].max()) or 1.0, bins),
-                             n_boot=n_boot, level=level, seed=seed) for _, part in _groups(df, range_by)]
+                             n_boot=n_boot, level=level, seed=seed) for _, part in grouped(df, range_by)]
         return pd.concat(parts, ignore_index=True)
     edges = entropy_bins(float(df[x].max()) or 1.0, bins) if isinstance(bins, int) else np.asarray(bins, float)
-    work = df.assign(_bin=_bin_index(df[x].to_numpy(float), edges))
+    work = df.assign(_bin=bin_index(df[x].to_numpy(float), edges))
     rows = []
-    for key, group in _groups(work, [*by, "_bin"]):
+    for key, group in grouped(work, [*by, "_bin"]):
         vals = group[value].to_numpy(dtype=float)
         b = int(key.pop("_bin"))
         lo, hi = bootstrap_ci(vals, n_boot=n_boot, level=level, seed=group_seed(seed, {**key, "bin": b}))
@@ -135,75 +131,26 @@ def pivot_bins(summary: pd.DataFrame, column: str = "method", value: str = "mean
     return table.reset_index()
 
 
-def token_label(tokenizer, token_id: int) -> str:
-    """A readable label for one token: its decoded text with whitespace made visible."""
-    try:
-        text = tokenizer.decode([int(token_id)])
-    except Exception:  # padding rows beyond the tokenizer have no string
-        text = ""
-    if text == "":
-        return f"<{int(token_id)}>"
-    return repr(text)[1:-1].replace(" ", "␣")
-
-
-def top_tokens(target_probs, achieved: Mapping[str, object], tokenizer=None, *, n: int = 10,
-               target_ids: Sequence[str] | None = None, by: str = "target") -> pd.DataFrame:
-    """The top-n tokens of each target with target and achieved probabilities, in long form.
-
-    Args:
-        target_probs: (T, vocab) target probabilities (a Tensor, array, or `Targets`).
-        achieved: {label: (T, vocab) model log-probabilities or a Result (its `.logprobs`)}.
-        tokenizer: decodes token ids to labels (None: ids only).
-        n: tokens per target.
-        by: "target" ranks the target's top tokens; "union" also adds each method's top tokens.
-    Returns: columns target_id, rank, token_id, token, source ("target" or the label),
-        prob — one row per (target, token, source); rank is the token's rank under the target.
-    """
-    import torch  # analysis may use torch; plotting never does
-
-    if hasattr(target_probs, "probs"):
-        target_ids = target_ids or target_probs.ids
-        target_probs = target_probs.probs
-    p = torch.as_tensor(target_probs).double()
-    logq = {k: torch.as_tensor(getattr(v, "logprobs", v)).double() for k, v in achieved.items()}
-    target_ids = list(target_ids) if target_ids is not None else [str(i) for i in range(len(p))]
-    rows = []
-    for i, tid in enumerate(target_ids):
-        order = torch.argsort(p[i], descending=True)
-        chosen = order[:n].tolist()
-        if by == "union":
-            for lq in logq.values():
-                chosen += [t for t in lq[i].topk(n).indices.tolist() if t not in chosen]
-        rank_of = {int(t): r for r, t in enumerate(order.tolist()[: max(len(chosen) * 4, n)])}
-        for t in chosen:
-            label = token_label(tokenizer, t) if tokenizer is not None else str(t)
-            rank = rank_of.get(int(t), int((p[i] > p[i, t]).sum()))
-            rows.append({"target_id": tid, "rank": rank, "token_id": int(t), "token": label,
-                         "source": "target", "prob": float(p[i, t])})
-            for name, lq in logq.items():
-                rows.append({"target_id": tid, "rank": rank, "token_id": int(t), "token": label,
-                             "source": name, "prob": float(lq[i, t].exp())})
-    return pd.DataFrame(rows, columns=["target_id", "rank", "token_id", "token", "source", "prob"])
-
-
-# --------------------------------------------------------------------------------------------
-# Comparisons for the experiments of notebooks 02–05 (matched groups, paired methods, the
-# bottleneck hierarchy). Each returns a tidy summary with its uncertainty; tables in, tables out.
-# --------------------------------------------------------------------------------------------
-
-
-def _bin_index(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """The bin of each value (right edge of the last bin closed, out-of-range values clipped)."""
+def bin_index(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """(n,) values → (n,) the index of each one's bin (right edge of the last bin closed, out-of-range values clipped)."""
     return np.clip(np.searchsorted(edges, values, side="right") - 1, 0, len(edges) - 2)
 
 
-def _edges(values, bins) -> np.ndarray:
+def bin_edges(values, bins: int | Sequence[float]) -> np.ndarray:
+    """The bin edges for `bins`: an int → that many equal-width bins over [0, max of `values`] (the
+    finite ones; [0, 1] when there are none or the max is 0); a sequence → those edges, checked to
+    increase."""
     if isinstance(bins, int):
-        return entropy_bins(float(np.nanmax(values)) if len(values) else 1.0, bins)
-    return np.asarray(bins, dtype=float)
+        finite = np.asarray(values, dtype=float)
+        finite = finite[np.isfinite(finite)]
+        return entropy_bins((float(finite.max()) if len(finite) else 0.0) or 1.0, bins)
+    edges = np.asarray(bins, dtype=float)
+    if edges.ndim != 1 or len(edges) < 2 or np.any(np.diff(edges) <= 0):
+        raise ValueError(f"bins must be an int or increasing edges, got {bins!r}")
+    return edges
 
 
-def _groups(df: pd.DataFrame, by: Sequence[str]):
+def grouped(df: pd.DataFrame, by: Sequence[str]):
     """(key dict, rows) per combination of `by` (one group of everything when `by` is empty)."""
     if not by:
         yield {}, df
@@ -253,14 +200,14 @@ def matched_difference(df: pd.DataFrame, value: str = "kl_nats", *, column: str,
     """
     by = list(by)
     _need(df, [value, column, match, *by], "matched_difference")
-    edges = _edges(df[match].to_numpy(float), bins)
+    edges = bin_edges(df[match].to_numpy(float), bins)
     rows = []
-    for key, part in _groups(df, by):
+    for key, part in grouped(df, by):
         base = part[part[column] == baseline]
         base_strata = {s: r[value].to_numpy(float) for s, r in base.groupby(match)}
         for group, grows in part[part[column] != baseline].groupby(column, sort=False):
             strata = [(s, r[value].to_numpy(float)) for s, r in grows.groupby(match) if s in base_strata]
-            bin_of = {s: int(_bin_index(np.array([s]), edges)[0]) for s, _ in strata}
+            bin_of = {s: int(bin_index(np.array([s]), edges)[0]) for s, _ in strata}
             for b in sorted(set(bin_of.values())):
                 cells = [(base_strata[s], g) for s, g in strata if bin_of[s] == b]
                 n_s = len(cells)
@@ -325,7 +272,7 @@ def paired_comparison(df: pd.DataFrame, value: str = "kl_nats", *, column: str, 
     if treatments is None:
         treatments = [t for t in dict.fromkeys(df[column]) if t != control]
     rows = []
-    for key, part in _groups(df, by):
+    for key, part in grouped(df, by):
         for name in [control, *treatments]:
             dup = part.loc[part[column] == name, pair].duplicated()
             if dup.any():
@@ -364,7 +311,7 @@ def group_summary(df: pd.DataFrame, value: str = "kl_nats", *, by: Sequence[str]
     by = list(by)
     _need(df, [value, *by], "group_summary")
     rows = []
-    for key, part in _groups(df, by):
+    for key, part in grouped(df, by):
         vals = part[value].to_numpy(float)
         vals = vals[np.isfinite(vals)]
         lo, hi = bootstrap_ci(vals, n_boot=n_boot, level=level, seed=group_seed(seed, key))
@@ -372,137 +319,6 @@ def group_summary(df: pd.DataFrame, value: str = "kl_nats", *, by: Sequence[str]
                      "sem": float(vals.std(ddof=1) / np.sqrt(len(vals))) if len(vals) > 1 else float("nan"),
                      "ci_low": lo, "ci_high": hi})
     return pd.DataFrame(rows, columns=[*by, "n", "mean", "sem", "ci_low", "ci_high"])
-
-
-def with_projection(df: pd.DataFrame, *, method: str = "soft", label: str = "soft_projected") -> pd.DataFrame:
-    """The table plus one row per `method` row scored after nearest-token projection.
-
-    The soft optimiser reports, next to its KL, `projected_kl_nats`: the KL of the prompt made of
-    the real tokens nearest to its vectors. The added rows are copies of the `method` rows with
-    kl_nats = projected_kl_nats, `method` and `variant` (where present) set to `label` (the variant
-    keeps any suffix after the method name: "soft_L5" → "soft_projected_L5") and is_bound False;
-    rows without a projection (NaN) are not added.
-    """
-    _need(df, ["method", "kl_nats", "projected_kl_nats"], "with_projection")
-    src = df[(df["method"] == method) & df["projected_kl_nats"].notna()]
-    proj = src.assign(method=label, kl_nats=src["projected_kl_nats"])
-    if "variant" in proj:
-        proj["variant"] = [label + v[len(method):] if isinstance(v, str) and v.startswith(method) else label
-                           for v in proj["variant"]]
-    if "is_bound" in proj:
-        proj["is_bound"] = False
-    return pd.concat([df, proj], ignore_index=True)
-
-
-def with_bound_gap(df: pd.DataFrame, *, bound: str = "free_bound", value: str = "kl_nats",
-                   keys: Sequence[str] = ("run_id", "sweep", "model", "target_id")) -> pd.DataFrame:
-    """The table plus `gap_to_<bound>_nats` = value − the `bound` rows' value for the same target.
-
-    Matching uses those of `keys` the table has (target_id is required): a target's bound row from the
-    same run, sweep and model. Where several bound rows match (e.g. one per seed; the bound does not
-    depend on the seed) the lowest is used. Rows without a matching bound row get NaN; the bound's own
-    rows get ≈ 0. With `improvement_nats`, this is the 'stuck' signal per target: a gap far above
-    the bin's and no improvement means the optimiser did not move that target.
-    """
-    _need(df, ["method", "target_id", value], "with_bound_gap")
-    on = [k for k in keys if k in df.columns]
-    ref = df[df["method"] == bound].groupby(on, dropna=False)[value].min().rename("_bound_value").reset_index()
-    out = df.merge(ref, on=on, how="left")
-    out[f"gap_to_{bound}_nats"] = out[value] - out["_bound_value"]
-    out.index = df.index
-    return out.drop(columns="_bound_value")
-
-
-# The bottleneck hierarchy, from the output layer alone up to a real-token prompt: each level can
-# reach everything the next one can, so for the global optima KL(free) ≤ KL(norm) ≤ KL(layer) ≤
-# KL(soft) ≤ KL(hard).
-HIERARCHY = ("free_bound", "norm_bound", "layer_bound", "soft", "hard")
-
-
-def hierarchy(df: pd.DataFrame, levels: Sequence[str] = HIERARCHY, *, column: str = "method",
-              value: str = "kl_nats", pair: str = "target_id",
-              keep: Sequence[str] = ("kind", "entropy_nats")) -> pd.DataFrame:
-    """One row per target: its KL at each level of the hierarchy and the part each level adds.
-
-    `part_<level>` is the level's KL minus the KL of the level below it that the target has (for
-    the lowest level, its KL itself: what the output layer alone forces, for free_bound), so the
-    parts of a target sum to its KL at its highest level. A level a target lacks (e.g. hard prompts
-    run on a subset) is NaN and its part too. Parts can be negative: the optimisers are local, and
-    a negative part is an ordering violation (see `ordering_violations`), shown, not hidden.
-
-    Returns: columns pair, *keep, one KL column per level (named by the level), part_<level> per
-        level, n_levels.
-    """
-    levels = list(levels)
-    _need(df, [column, value, pair, *keep], "hierarchy")
-    present = df[df[column].isin(levels)]
-    dup = present.duplicated([pair, column])
-    if dup.any():
-        raise ValueError(f"hierarchy: several rows for ({pair}, {column}) "
-                         f"{present.loc[dup, [pair, column]].head(3).values.tolist()}; filter to one seed / variant")
-    wide = present.pivot(index=pair, columns=column, values=value)
-    info = df.drop_duplicates(pair).set_index(pair)[list(keep)]
-    out = info.loc[wide.index].copy()
-    below = np.zeros(len(wide))
-    have_below = np.zeros(len(wide), dtype=bool)
-    for level in levels:
-        kl = wide[level].to_numpy(float) if level in wide else np.full(len(wide), np.nan)
-        out[level] = kl
-        has = np.isfinite(kl)
-        out[f"part_{level}"] = np.where(has, kl - np.where(have_below, below, 0.0), np.nan)
-        below = np.where(has, kl, below)
-        have_below |= has
-    out["n_levels"] = np.isfinite(out[levels].to_numpy(float)).sum(1)
-    return out.reset_index()
-
-
-def ordering_violations(wide: pd.DataFrame, levels: Sequence[str] = HIERARCHY, *,
-                        tol: float = 1e-3) -> pd.DataFrame:
-    """How often a higher level of the hierarchy beats a lower one by more than `tol` nats.
-
-    Checked for each adjacent pair of levels (lower, upper) over the targets that have both.
-    Returns: columns lower, upper, n (targets with both), n_violations (KL_upper < KL_lower − tol),
-        frac_violations, max_excess_nats (the largest KL_lower − KL_upper, 0 if none is positive).
-    """
-    rows = []
-    levels = [lv for lv in levels if lv in wide]
-    for lower, upper in zip(levels[:-1], levels[1:], strict=True):
-        both = wide[[lower, upper]].dropna()
-        excess = (both[lower] - both[upper]).to_numpy(float)
-        n = len(both)
-        bad = int((excess > tol).sum())
-        rows.append({"lower": lower, "upper": upper, "n": n, "n_violations": bad,
-                     "frac_violations": bad / n if n else float("nan"),
-                     "max_excess_nats": float(max(excess.max(), 0.0)) if n else float("nan")})
-    return pd.DataFrame(rows, columns=["lower", "upper", "n", "n_violations", "frac_violations",
-                                       "max_excess_nats"])
-
-
-def hierarchy_parts(wide: pd.DataFrame, levels: Sequence[str] = HIERARCHY, *, x: str = "entropy_nats",
-                    bins: int | Sequence[float] = 6, by: Sequence[str] = (), n_boot: int = 1000,
-                    level: float = 0.95, seed: int = 0) -> pd.DataFrame:
-    """Per bin of `x`, the mean of each level's part (`hierarchy`), with its uncertainty: what a
-    stacked-gap figure stacks.
-
-    The parts of a level are averaged over the targets that have the level, so with a level run on
-    a subset (hard prompts) its stacked segment is the subset's mean; `top` (the running sum of the
-    mean parts) is then an estimate of the level's mean KL over all targets of the bin.
-    Returns: columns *by, bin_left, bin_right, bin_mid, level, n, mean, sem, ci_low, ci_high, top.
-    """
-    by = list(by)
-    levels = [lv for lv in levels if f"part_{lv}" in wide]
-    long = wide.melt(id_vars=[x, *by], value_vars=[f"part_{lv}" for lv in levels], var_name="level",
-                     value_name="part").dropna(subset=["part"])
-    long["level"] = long["level"].str.removeprefix("part_")
-    edges = _edges(wide[x].to_numpy(float), bins)
-    summary = bin_summary(long, "part", by=[*by, "level"], x=x, bins=edges, n_boot=n_boot, level=level,
-                          seed=seed)
-    summary["level"] = pd.Categorical(summary["level"], categories=levels, ordered=True)
-    summary = summary.sort_values([*by, "bin_left", "level"]).reset_index(drop=True)
-    summary["top"] = summary.groupby([*by, "bin_left"], observed=True)["mean"].cumsum()
-    summary["level"] = summary["level"].astype(str)
-    cols = [*by, "bin_left", "bin_right", "bin_mid", "level", "n", "mean", "sem", "ci_low", "ci_high", "top"]
-    return summary[cols]
 
 
 def _ratio_of_means(pairs: np.ndarray) -> np.ndarray:
@@ -526,9 +342,9 @@ def ratio_of_means(df: pd.DataFrame, numerator: str, denominator: str, *, x: str
     both = df.dropna(subset=[numerator, denominator])
     values = both[x].to_numpy(float)
     edges = (np.array([np.nanmin(values), np.nanmax(values)]) if bins is None and len(values)
-             else _edges(values, bins if bins is not None else 1))
+             else bin_edges(values, bins if bins is not None else 1))
     rows = []
-    for key, part in _groups(both.assign(_bin=_bin_index(both[x].to_numpy(float), edges)), [*by, "_bin"]):
+    for key, part in grouped(both.assign(_bin=bin_index(both[x].to_numpy(float), edges)), [*by, "_bin"]):
         b = int(key.pop("_bin"))
         num, den = part[numerator].to_numpy(float), part[denominator].to_numpy(float)
         n = len(part)
@@ -541,52 +357,3 @@ def ratio_of_means(df: pd.DataFrame, numerator: str, denominator: str, *, x: str
                      "ratio": float(ratio), "ci_low": lo, "ci_high": hi})
     return pd.DataFrame(rows, columns=[*by, "bin_left", "bin_right", "bin_mid", "n", "mean_numerator",
                                        "mean_denominator", "ratio", "ci_low", "ci_high"])
-
-
-def target_group(df: pd.DataFrame, columns: Mapping[str, str] | None = None) -> pd.Series:
-    """A readable group label per row: the target `kind`, then `name=value` for each of `columns`
-    the row has (non-null), e.g. "vanilla", "outlier k=3 m=0.5".
-
-    columns: {column: short name}; default {"k": "k", "mass": "m"} (the outlier settings).
-    """
-    columns = {"k": "k", "mass": "m"} if columns is None else dict(columns)
-    _need(df, ["kind"], "target_group")
-    present = [c for c in columns if c in df]
-    labels = []
-    for row in df[["kind", *present]].itertuples(index=False):
-        parts = [str(row[0])]
-        for name, v in zip(present, row[1:], strict=True):
-            if v is not None and not (isinstance(v, float) and np.isnan(v)):
-                parts.append(f"{columns[name]}={v:g}" if isinstance(v, int | float | np.number) else f"{columns[name]}={v}")
-        labels.append(" ".join(parts))
-    return pd.Series(labels, index=df.index, name="group")
-
-
-def projection_note(result, index: int = 0) -> str:
-    """What a soft prompt's nearest-token projection is, in words, for target `index` of `result`.
-
-    The projection replaces each of the L soft vectors by the allowed token whose embedding is
-    nearest (L2); the KL it reaches is usually far above the vectors' own. When the projected tokens
-    are the prompt's initial tokens (meta "init_ids"), the note says so: each vector stayed nearer its
-    starting token than any other, so the projection reaches the initial KL — not a failure of the
-    optimiser, whose result is the vectors themselves.
-    """
-    if result.method != "soft" or result.prompt_ids is None or result.projected_kl is None:
-        raise ValueError(f"projection_note needs a soft Result with its projection (SoftConfig(project=True)); "
-                         f"got method {result.method!r}"
-                         f"{' without a projection' if result.method == 'soft' else ''}.")
-    ids = result.prompt_ids[index].tolist()
-    text = result.prompt_text[index] if result.prompt_text is not None else None
-    shown = repr(text) if text is not None else "(no text re-tokenises to exactly these ids)"
-    soft_kl, projected_kl = float(result.kl[index]), float(result.projected_kl[index])
-    note = (f"The soft prompt is {len(ids)} free vectors, not tokens. Its projection replaces each vector by "
-            f"the nearest real token (L2 in the embedding space): ids {ids}, text {shown}. The vectors reach "
-            f"KL {soft_kl:.4f} nats; the projected tokens {projected_kl:.4f} nats.")
-    init = result.meta.get("init_ids")
-    if init is not None and list(init[index]) == ids:
-        # the kept restart's initial tokens: its initial KL is the projected KL (result.initial_kl is the
-        # lowest over restarts, which may be another restart's)
-        note += (" These are the prompt's initial tokens, so the projection reaches the initial prompt's KL: "
-                 "each vector ended nearer its starting token than any other token, and rounding to tokens "
-                 "undoes the optimisation. The soft prompt's result is the vectors' KL.")
-    return note

@@ -1,30 +1,5 @@
-"""The study's verdicts, computed from results tables, and the prose that states them.
-
-Each verdict function takes a tidy results table (the one a notebook saves as `tables/results.csv`)
-and returns verdict rows with one schema (`COLUMNS`):
-
-    claim      the claim in words, the same for every row of one verdict function
-    scope      which part of the table the row judges ("smollm2-135m · soft", "L = 5", "bin 1.8–3.6 nats")
-    statistic  what `value` is, with its unit
-    value      the statistic on the table; ci_low, ci_high its percentile-bootstrap interval at `level`
-    n          the targets (or pairs, or tasks) the statistic is computed from
-    null       the value at which the claim would be false ... or not yet shown
-    direction  "greater": the claim says value > null; "less": value < null
-    verdict    "holds"     the whole interval lies on the claim's side of `null`
-               "fails"     the whole interval lies on the other side (the opposite holds)
-               "undecided" the interval contains `null`, or a group has fewer than `min_n` rows
-                           (default 3: a percentile bootstrap of one row has no spread, and of two rows
-                           its interval is just their range, far too narrow to judge by)
-    headline   True for the rows a reader needs first (the index shows these); False for detail rows
-               (per entropy bin)
-    note       the supporting numbers in words, and why a row is undecided
-
-Every interval comes from `analysis.bootstrap_interval`, seeded per group, so the verdicts and the
-notebook's own tables agree. Inputs are checked: a missing column, an empty table or a group the
-verdict needs that has no rows is an error naming it, never a silent NaN.
-
-`prose(verdicts)` renders the rows as a short markdown paragraph (every number in it comes from the
-rows); `show(verdicts)` displays that paragraph and the table in a notebook.
+"""The verdict functions, one per claim of the study: each takes a results table and returns verdict
+rows (`rows.COLUMNS`).
 """
 
 from __future__ import annotations
@@ -34,137 +9,24 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from . import analysis
-
-COLUMNS = ["claim", "scope", "statistic", "value", "ci_low", "ci_high", "level", "n", "null", "direction",
-           "verdict", "headline", "note"]
-VERDICTS = ("holds", "fails", "undecided")
-
-HUMP_LOW = "moderate entropies are harder to reach than the low end of the range"
-HUMP_HIGH = "moderate entropies are harder to reach than the high end of the range"
-OUTLIERS = "outlier targets are easier than vanilla targets of the same entropy"
-LM_TARGETS = "LM targets are easier than random targets of the same entropy"
-BOUND_SHARE = "the output layer alone forces most (> 50 %) of the soft prompt's KL"
-PROPOSERS = "an optimised prompt proposes the answer distribution more closely than the best instruction"
-PAIRED_CLAIMS = {
-    "hard": "hard (real-token) prompts end above soft prompts of the same length",
-    "soft_projected": "a soft prompt rounded to its nearest tokens ends above the soft prompt itself",
-}
-
-
-# --------------------------------------------------------------------------------------------
-# The verdict of one row.
-# --------------------------------------------------------------------------------------------
-
-
-def decide(lo: float, hi: float, *, null: float, direction: str, enough: bool = True) -> str:
-    """"holds", "fails" or "undecided" for an interval [lo, hi] against `null` (see the module docstring)."""
-    if direction not in ("greater", "less"):
-        raise ValueError(f"direction must be 'greater' or 'less', got {direction!r}")
-    if not enough or np.isnan(lo) or np.isnan(hi):
-        return "undecided"
-    above, below = lo > null, hi < null
-    if direction == "greater":
-        return "holds" if above else "fails" if below else "undecided"
-    return "holds" if below else "fails" if above else "undecided"
-
-
-def _row(claim: str, scope: str, statistic: str, value: float, lo: float, hi: float, n: int, *, null: float,
-         direction: str, note: str, level: float, enough: bool = True, min_n: int = 3,
-         headline: bool = True) -> dict:
-    verdict = decide(lo, hi, null=null, direction=direction, enough=enough)
-    if not enough:
-        why = f"too few rows to judge (a group has fewer than {min_n})"
-    elif verdict == "undecided":
-        why = f"the interval includes {null:g}"
-    else:
-        why = ""
-    note = "; ".join(p for p in (note, why) if p)
-    return {"claim": claim, "scope": scope, "statistic": statistic, "value": float(value), "ci_low": float(lo),
-            "ci_high": float(hi), "level": level, "n": int(n), "null": float(null), "direction": direction,
-            "verdict": verdict, "headline": bool(headline), "note": note}
-
-
-def _frame(rows: list[dict], who: str) -> pd.DataFrame:
-    if not rows:
-        raise ValueError(f"{who}: no verdict could be formed (no group has the rows it needs)")
-    return pd.DataFrame(rows, columns=COLUMNS)
-
-
-# --------------------------------------------------------------------------------------------
-# Input checks and labels.
-# --------------------------------------------------------------------------------------------
-
-
-def _checked(df: pd.DataFrame, columns: Sequence[str], value: str, who: str,
-             only: tuple[str, Sequence[str]] | None = None) -> tuple[pd.DataFrame, int]:
-    """The rows with a finite `value` (and how many were dropped); errors name what is missing.
-
-    only: (column, values): first keep the rows whose `column` is one of `values` (the groups the
-    verdict compares), so other rows' missing values (a bound has no string-level KL) are not counted.
-    """
-    if not isinstance(df, pd.DataFrame):
-        raise TypeError(f"{who}: expected a pandas DataFrame, got {type(df).__name__}")
-    missing = [c for c in dict.fromkeys([value, *columns]) if c not in df]
-    if missing:
-        raise KeyError(f"{who}: columns {missing} not in the table (have {list(df.columns)})")
-    if df.empty:
-        raise ValueError(f"{who}: the table is empty")
-    if only is not None:
-        _require_values(df, only[0], [only[1][0]], who)
-        df = df[df[only[0]].isin(list(only[1]))]
-    finite = np.isfinite(pd.to_numeric(df[value], errors="coerce").to_numpy(float))
-    if not finite.any():
-        raise ValueError(f"{who}: no row has a finite {value!r} (failed cells?)")
-    return df[finite], int((~finite).sum())
-
-
-def _require_values(df: pd.DataFrame, column: str, values: Sequence[str], who: str) -> None:
-    absent = [v for v in values if not (df[column] == v).any()]
-    if absent:
-        raise ValueError(f"{who}: no rows with {column} = {absent} (have {sorted(map(str, df[column].unique()))})")
-
-
-_SCOPE_NAMES = {"cfg_prompt_length": "L"}
-
-
-def scope_label(key: Mapping) -> str:
-    """A group key as a short label: model and method names as they are, other columns as name = value."""
-    parts = []
-    for column, v in key.items():
-        if column in ("model", "method", "group", "source", "task"):
-            parts.append(str(v))
-        else:
-            shown = f"{v:g}" if isinstance(v, float | np.floating) else str(v)
-            parts.append(f"{_SCOPE_NAMES.get(column, column)} = {shown}")
-    return " · ".join(parts) if parts else "all"
-
-
-def _bin_label(left: float, right: float) -> str:
-    return f"bin {left:.2f}–{right:.2f} nats"
-
-
-def _dropped(n: int, value: str) -> str:
-    return f"{n} rows without a finite {value} left out" if n else ""
-
-
-def _edges_for(values: np.ndarray, bins: int | Sequence[float]) -> np.ndarray:
-    """Equal-width edges over [0, max of `values`] for an int, else the given edges."""
-    if isinstance(bins, int):
-        return analysis.entropy_bins(float(np.max(values)) or 1.0, bins)
-    edges = np.asarray(bins, dtype=float)
-    if edges.ndim != 1 or len(edges) < 2 or np.any(np.diff(edges) <= 0):
-        raise ValueError(f"bins must be an int or increasing edges, got {bins!r}")
-    return edges
-
-
-def _join(*parts: str) -> str:
-    return "; ".join(p for p in parts if p)
-
-
-# --------------------------------------------------------------------------------------------
-# 1. The entropy hump.
-# --------------------------------------------------------------------------------------------
+from .. import analysis
+from .rows import (
+    BOUND_SHARE,
+    HUMP_HIGH,
+    HUMP_LOW,
+    LM_TARGETS,
+    OUTLIERS,
+    PAIRED_CLAIMS,
+    PROPOSERS,
+    _bin_label,
+    _checked,
+    _dropped,
+    _frame,
+    _join,
+    _require_values,
+    _row,
+    scope_label,
+)
 
 
 def _hump_ratio(end: np.ndarray, *interior: np.ndarray) -> np.ndarray:
@@ -200,11 +62,11 @@ def entropy_hump(df: pd.DataFrame, *, value: str = "kl_nats", x: str = "entropy_
     who = "entropy_hump"
     df, dropped = _checked(df, [x, *by], value, who)
     rows = []
-    for key, part in analysis._groups(df, list(by)):
+    for key, part in analysis.grouped(df, list(by)):
         xs = part[x].to_numpy(float)
-        edges = _edges_for(xs, bins)
+        edges = analysis.bin_edges(xs, bins)
         n_bins = len(edges) - 1
-        idx = analysis._bin_index(xs, edges)
+        idx = analysis.bin_index(xs, edges)
         values = {b: part[value].to_numpy(float)[idx == b] for b in range(n_bins)}
         interior = [b for b in range(1, n_bins - 1) if len(values[b])]
         empty = [b for b in (0, n_bins - 1) if not len(values[b])]
@@ -226,11 +88,6 @@ def entropy_hump(df: pd.DataFrame, *, value: str = "kl_nats", x: str = "entropy_
                              note=_join(note, _dropped(dropped, value)), level=level, min_n=min_n,
                              enough=all(len(values[b]) >= min_n for b in used)))
     return _frame(rows, who)
-
-
-# --------------------------------------------------------------------------------------------
-# 2. Outliers at matched entropy.
-# --------------------------------------------------------------------------------------------
 
 
 def outliers_easier(df: pd.DataFrame, *, value: str = "kl_nats", column: str = "group", baseline: str = "vanilla",
@@ -256,7 +113,7 @@ def outliers_easier(df: pd.DataFrame, *, value: str = "kl_nats", column: str = "
     _require_values(df, column, [baseline], who)
     if (df[column] == baseline).all():
         raise ValueError(f"{who}: only {column} = {baseline!r} rows; nothing to compare it with")
-    edges = _edges_for(df[match].to_numpy(float), bins)
+    edges = analysis.bin_edges(df[match].to_numpy(float), bins)
     common = dict(column=column, baseline=baseline, match=match, by=list(by), n_boot=n_boot, level=level, seed=seed)
     per_bin = analysis.matched_difference(df, value, bins=edges, **common)
     overall = analysis.matched_difference(df, value, bins=[0.0, float(df[match].max())], **common)
@@ -290,11 +147,6 @@ def _strata_enough(r: Mapping, min_n: int) -> bool:
     narrower than it should be (each stratum's resampled variance is (n − 1)/n of the sample's: about
     1/√2 of the width), so prefer ≥ 4 targets per grid point where a verdict matters."""
     return bool(np.isfinite(r["sem"]) and r["n"] >= min_n and r["n_baseline"] >= min_n)
-
-
-# --------------------------------------------------------------------------------------------
-# 3. LM targets against entropy-matched random ones; hard vs soft; proposers (paired verdicts).
-# --------------------------------------------------------------------------------------------
 
 
 def _paired_table(df: pd.DataFrame, value: str, who: str, *, column: str, control: str, treatments, pair: str, by,
@@ -414,11 +266,6 @@ def proposers_beat_instructions(df: pd.DataFrame, *, value: str = "kl_answers_na
     return _frame(rows, who)
 
 
-# --------------------------------------------------------------------------------------------
-# 4. The bottleneck's share of the soft prompt's KL.
-# --------------------------------------------------------------------------------------------
-
-
 def bound_share(df: pd.DataFrame, *, numerator: str = "free_bound", denominator: str = "soft",
                 value: str = "kl_nats", column: str = "method", pair: str = "target_id",
                 x: str = "entropy_nats", by: Sequence[str] = ("model",), bins: int | Sequence[float] = 6,
@@ -442,14 +289,14 @@ def bound_share(df: pd.DataFrame, *, numerator: str = "free_bound", denominator:
     statistic = f"mean {numerator} {value} / mean {denominator} {value}"
     claim = BOUND_SHARE if threshold == 0.5 else f"the output layer alone forces more than {threshold:.0%} of the soft prompt's KL"
     rows = []
-    for key, part in analysis._groups(df, list(by)):
+    for key, part in analysis.grouped(df, list(by)):
         wide = analysis.hierarchy(part, levels=(numerator, denominator), column=column, value=value, pair=pair,
                                   keep=(x,)).dropna(subset=[numerator, denominator])
         if wide.empty:
             continue
         common = dict(x=x, n_boot=n_boot, level=level, seed=analysis.group_seed(seed, key))
         overall = analysis.ratio_of_means(wide, numerator, denominator, bins=None, **common)
-        per_bin = analysis.ratio_of_means(wide, numerator, denominator, bins=_edges_for(wide[x].to_numpy(float), bins),
+        per_bin = analysis.ratio_of_means(wide, numerator, denominator, bins=analysis.bin_edges(wide[x].to_numpy(float), bins),
                                           **common)
         detail = [_row(claim, f"{scope_label(key)} · {_bin_label(r['bin_left'], r['bin_right'])}", statistic,
                        r["ratio"], r["ci_low"], r["ci_high"], r["n"], null=threshold, direction="greater",
@@ -466,78 +313,3 @@ def bound_share(df: pd.DataFrame, *, numerator: str = "free_bound", denominator:
                          min_n=min_n, enough=r["n"] >= min_n))
         rows += detail
     return _frame(rows, who)
-
-
-# --------------------------------------------------------------------------------------------
-# Rendering.
-# --------------------------------------------------------------------------------------------
-
-
-def combine(*tables: pd.DataFrame) -> pd.DataFrame:
-    """Several verdict tables as one (checked to have the verdict schema)."""
-    for t in tables:
-        missing = [c for c in COLUMNS if c not in t]
-        if missing:
-            raise KeyError(f"combine: a table lacks the verdict columns {missing}")
-    return pd.concat([t[COLUMNS] for t in tables], ignore_index=True)
-
-
-def _number(v: float) -> str:
-    if not np.isfinite(v):
-        return "∞" if v > 0 else "−∞" if v < 0 else "n/a"
-    return f"{v:.3g}"
-
-
-def interval(row: Mapping) -> str:
-    """"[lo, hi]" of a verdict row, as the prose and the index print it."""
-    return f"[{_number(row['ci_low'])}, {_number(row['ci_high'])}]"
-
-
-def sentence(row: Mapping) -> str:
-    """One headline row in words: scope, statistic value, interval, n and the verdict (with why, when
-    undecided: the interval contains the null, or it does not but a group has too few rows)."""
-    text = (f"{row['scope']}: {_number(row['value'])} ({row['level']:.0%} CI {interval(row)}, n = {row['n']}) "
-            f"— **{row['verdict']}**")
-    if row["verdict"] == "undecided":
-        lo, hi, null = row["ci_low"], row["ci_high"], row["null"]
-        straddles = np.isnan(lo) or np.isnan(hi) or lo <= null <= hi
-        text += f" (the interval includes {null:g})" if straddles else " (too few targets to judge)"
-    return text
-
-
-def prose(verdicts: pd.DataFrame) -> str:
-    """The verdicts as a markdown paragraph: per claim, its headline rows in words, then the per-bin
-    detail counted; and a closing count of verdicts. Every number is read from the rows."""
-    missing = [c for c in COLUMNS if c not in verdicts]
-    if missing:
-        raise KeyError(f"prose: the table lacks the verdict columns {missing}")
-    if verdicts.empty:
-        return "No verdicts: this run produced no rows to judge."
-    lines = []
-    for claim, rows in verdicts.groupby("claim", sort=False):
-        head, detail = rows[rows["headline"].astype(bool)], rows[~rows["headline"].astype(bool)]
-        statistic = "; ".join(dict.fromkeys(head["statistic"])) if len(head) else "; ".join(dict.fromkeys(detail["statistic"]))
-        text = f"- **Claim: {claim[0].upper() + claim[1:]}.** Statistic: {statistic}. "
-        text += " · ".join(sentence(r) for r in head.to_dict("records"))
-        if len(detail):
-            counts = detail["verdict"].value_counts()
-            text += (f". Per entropy bin ({len(detail)} bins over all groups): "
-                     + ", ".join(f"{counts.get(v, 0)} {v}" for v in VERDICTS))
-        lines.append(text + ".")
-    counts = verdicts.loc[verdicts["headline"].astype(bool), "verdict"].value_counts()
-    n_head = int(verdicts["headline"].astype(bool).sum())
-    lines.append(f"\nOf {n_head} headline verdicts at {verdicts['level'].iloc[0]:.0%} confidence: "
-                 + ", ".join(f"{counts.get(v, 0)} {v}" for v in VERDICTS) + ".")
-    return "\n".join(lines)
-
-
-def show(verdicts: pd.DataFrame, *, detail: bool = True) -> None:
-    """Display the verdicts in a notebook: the prose paragraph, then the table (headline rows first;
-    `detail=False` hides the per-bin rows)."""
-    from IPython.display import Markdown, display
-
-    display(Markdown(prose(verdicts)))
-    table = verdicts if detail else verdicts[verdicts["headline"].astype(bool)]
-    table = table.sort_values("headline", ascending=False, kind="stable")
-    formats = {c: "{:.4g}" for c in ("value", "ci_low", "ci_high", "null")}
-    display(table.drop(columns=["level", "direction"]).style.format(formats, na_rep="–").hide(axis="index"))
