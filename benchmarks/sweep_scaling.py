@@ -34,10 +34,9 @@ from dplib.ray_executor import RayExecutor, require_ray
 
 
 def measure(label, model, tok, grid, methods, batch_size, executor, workers, root) -> dict:
-    stats = runner.SweepStats()
     t0 = time.perf_counter()
     table = runner.run_sweep(model, tok, grid, methods, batch_size=batch_size, store=os.path.join(root, label),
-                             executor=executor, progress=False, stats=stats)
+                             executor=executor, progress=False)
     wall = time.perf_counter() - t0
     compute = table.drop_duplicates(["variant", "seed", "batch"])["batch_wall_s"].to_numpy()
     n = len(compute)

@@ -75,9 +75,9 @@ def test_ray_gives_the_in_process_table_bit_for_bit(local_ray, tiny, grid, tmp_p
     finally:
         torch.set_num_threads(threads)
     executor = RayExecutor(num_workers=2, threads=1)
-    stats = runner.SweepStats()
     remote = runner.run_sweep(model, tok, grid, methods, batch_size=2, store=tmp_path / "b", progress=False,
-                              executor=executor, stats=stats)
+                              executor=executor)
+    stats = remote.attrs["stats"]
     assert stats.computed == 9 and len(executor.workers_info) == 2
     assert {i["pid"] for i in executor.workers_info}.isdisjoint({os.getpid()})
     assert all(i["threads"] == 1 and i["device"] == "cpu" for i in executor.workers_info)
@@ -93,12 +93,12 @@ def test_a_worker_killed_mid_sweep(local_ray, tiny, grid, tmp_path):
     grid = grid[[0, 1, 2, 3]]  # four cells on two workers: both are busy when the first cell is stored
     store_dir = tmp_path / "cells"
     executor = RayExecutor(num_workers=2, threads=1)
-    stats, out = runner.SweepStats(), {}
+    out = {}
     run = results.start_run("ray", {"k": 1}, results_dir=tmp_path)
 
     def sweep():
         out["table"] = runner.run_sweep(model, tok, grid, {"soft": SLOW_SOFT}, batch_size=1, run=run,
-                                        progress=False, executor=executor, stats=stats)
+                                        progress=False, executor=executor)
 
     thread = threading.Thread(target=sweep)
     thread.start()
@@ -110,15 +110,16 @@ def test_a_worker_killed_mid_sweep(local_ray, tiny, grid, tmp_path):
     os.kill(executor.workers_info[0]["pid"], signal.SIGKILL)
     thread.join(timeout=300)
     assert not thread.is_alive() and "table" in out
+    stats = out["table"].attrs["stats"]
     assert (stats.computed, stats.failed) == (len(grid), 0)
     assert {p: p.stat().st_mtime_ns for p in before} == before  # not recomputed
     cells = run.load_table("sweep_cells")
     assert set(cells["status"]) == {"ok"} and cells["attempts"].max() == 2  # the in-flight cell, once more
     assert len(_finished(store_dir)) == len(grid) and (out["table"]["status"] == "ok").all()
 
-    again = runner.SweepStats()
     table = runner.run_sweep(model, tok, grid, {"soft": SLOW_SOFT}, batch_size=1, run=run, progress=False,
-                             executor=executor, stats=again)
+                             executor=executor)
+    again = table.attrs["stats"]
     assert (again.computed, again.reused) == (0, len(grid))
     pd.testing.assert_frame_equal(table, out["table"])
 
