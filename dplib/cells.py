@@ -69,9 +69,9 @@ def cell_key(model_fingerprint: str, method: str, config, seed: int, batch: Targ
 def is_bound_method(method: str, result=None) -> bool:
     """Whether a method's rows are bounds (drawn as lines): the methods in `optim.BOUNDS`, or `meta["is_bound"]`.
 
-    By method too, because a bound under soft-capped logits is a local optimum (`is_bound` False in its
-    meta, `certified` False) yet still plays the bound's role in the figures. Not by name: `layer_bound`
-    is a prompt-like optimiser whose optimum is local, drawn as a method.
+    By method, not only by meta: under soft-capped logits a free or norm bound is a local optimum
+    (`is_bound` False in its meta, `certified` False) yet still plays the bound's role in the figures.
+    Not by name: `layer_bound` is a prompt-like optimiser whose optimum is local, drawn as a method.
     """
     from . import optim
 

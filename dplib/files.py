@@ -16,12 +16,14 @@ from pathlib import Path
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Write `path` atomically: `write(tmp)` fills a temporary file beside it, which then replaces `path`.
 
-    The parent directory is created if missing. The temporary file keeps `path`'s suffix (so writers
-    that read the format from the name still can) and is removed if `write` raises. Returns `path`.
+    The parent directory is created if missing. The temporary file is hidden and ends in ".tmp", never
+    in `path`'s suffix, so a reader globbing for finished files ("*.parquet") never sees one; a writer
+    that reads the format from the name must be told it (e.g. `savefig(..., format="png")`). It is
+    removed if `write` raises. Returns `path`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(Path(tmp))

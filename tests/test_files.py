@@ -13,7 +13,8 @@ def test_atomic_write_replaces_the_file_whole(tmp_path):
     seen = []
     atomic_write(path, lambda tmp: (seen.append(tmp), tmp.write_text("new\n")))
     assert path.read_text() == "new\n"
-    assert seen[0].parent == path.parent and seen[0].suffix == ".csv"  # beside it, with its suffix
+    # beside it, hidden, and not matching "*.csv": a reader globbing for finished files never sees it
+    assert seen[0].parent == path.parent and seen[0].name.startswith(".") and seen[0].suffix == ".tmp"
     assert sorted(p.name for p in path.parent.iterdir()) == ["table.csv"]  # no temporary file left
 
 

@@ -72,18 +72,16 @@ def score_forward(model, head: OutputLayer, ids: Tensor, context_ids: Tensor | N
 
 
 def score_kl(model, head: OutputLayer, ids: Tensor, owner: Tensor, target_probs: Tensor, neg_entropy: Tensor,
-           chunker: Chunker, keep_logprobs: bool = False, context_ids: Tensor | None = None,
-           ) -> tuple[Tensor, Tensor | None]:
-    """KL(target[owner[i]] ‖ model(context + ids[i])) for every row of ids (N, n); chunked, no grad.
+           chunker: Chunker, keep_logprobs: bool = False) -> tuple[Tensor, Tensor | None]:
+    """KL(target[owner[i]] ‖ model(ids[i])) for every row of ids (N, n), whole sequences; chunked, no grad.
 
-    context_ids: None (ids are whole sequences) or (P,) ids of a shared prefix run once per chunk.
-    Returns (N,) float32 KL on ids' device and, if asked, the (N, vocab) log-probabilities.
+    (Candidates that share a context with their prompt are scored by `score_kl_after_shared`.) Returns (N,) float32 KL on ids' device and, if asked, the (N, vocab) log-probabilities.
     """
     kl = torch.empty(len(ids), dtype=torch.float32, device=ids.device)
     out = torch.empty(len(ids), target_probs.shape[1], device=ids.device) if keep_logprobs else None
 
     def chunk(a: int, b: int) -> None:
-        logprobs = score_forward(model, head, ids[a:b], context_ids)
+        logprobs = score_forward(model, head, ids[a:b])
         rows = owner[a:b]
         kl[a:b] = lm.kl_from_logprobs(target_probs[rows], logprobs, neg_entropy[rows])
         if out is not None:
@@ -144,7 +142,7 @@ def score_kl_after_shared(model, head: OutputLayer, prefix_ids: Tensor, current:
             rest = torch.cat([cands[mine, s:], suffix_ids.expand(len(mine), -1)], dim=1)
             contexts, index = who.unique(return_inverse=True)
             context_ids = torch.cat([prefix_ids.expand(len(contexts), -1), current[contexts, :s]], dim=1)
-            logprobs = score_forward(model, head, rest, context_ids, index)  # (nothing shared: whole sequences)
+            logprobs = score_forward(model, head, rest, context_ids, index)  # an empty context: whole sequences
             kl[mine] = lm.kl_from_logprobs(target_probs[who], logprobs, neg_entropy[who])
 
         with torch.no_grad():
