@@ -16,6 +16,8 @@ Variants (HardConfig overrides on the set's budget; "v0" is dplib ≤ 0.x's sear
   default   today's HardConfig defaults (move + copy)
   swaps     default + 2 positions per candidate at the first step, 1 at the last
   restart   default + restarts from the 8 best prompts after 10 steps without a new best
+  target_init default, started from the target's own most probable tokens (init="target"; the one-token
+            set then starts from its word repeated, not from "x x … x")
   soft_init default, started from the soft prompt's nearest tokens (vanilla sets; where every
             projection re-tokenises to itself: `init_text=tuple(soft.prompt_text)`)
 
@@ -51,6 +53,7 @@ VARIANTS = {
     "default": {},
     "swaps": dict(n_swaps=2, n_swaps_end=1),
     "restart": dict(restart_after=10, buffer_size=8),
+    "target_init": dict(init="target", init_text=None),
     "soft_init": {},  # set per target set from its soft prompt's projection
 }
 

@@ -56,6 +56,8 @@ def tiny_run(tiny):
     (dict(restart_after=-1), "restart_after"),
     (dict(buffer_size=0), "buffer_size"),
     (dict(reuse_prefix="no"), "reuse_prefix"),
+    (dict(init="copy"), "init"),
+    (dict(init="target", init_text="the value"), "init_text"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -189,6 +191,7 @@ def test_decoded_text_gives_reported_kl(fixture, prefix, suffix, request):
     dict(restart_after=2, buffer_size=3),  # restarts from the buffer of best prompts
     dict(n_swaps=3, n_swaps_end=1),  # more positions early, fewer late
     dict(reuse_prefix=False),  # whole sequences, no prefix cache
+    dict(init="target"),  # started from the target's own most probable tokens
 ])
 def test_every_proposal_kind_is_exact(tiny, proposals):
     """Whatever proposes the candidates, the reported KL is that of the returned text, re-tokenised and
@@ -326,6 +329,28 @@ def test_init_text(tiny):
     with pytest.raises(ValueError, match="prompt_length"):
         optimize_hard(model, tokenizer, targets, HardConfig(**{**QUICK, "prompt_length": L + 1}, init_text=text),
                       progress=False)
+
+
+def test_init_target_starts_from_the_targets_tokens(tiny):
+    """init="target": each search starts from its target's most probable allowed tokens, the most probable
+    last; a target with fewer than L tokens repeats them; one whose tokens cannot fill L is refused."""
+    model, tokenizer = tiny
+    targets = random_targets(model, tokenizer, 2, sharpness=4.0)
+    search = hard.HardSearch(model, tokenizer, targets, HardConfig(**QUICK, init="target"))
+    allowed = lm.allowed_tokens(tokenizer, logits_width(model))
+    for p, ids in zip(targets.probs, search.current, strict=True):
+        ranked = (p * allowed).argsort(descending=True)[: 4 * QUICK["prompt_length"]].tolist()
+        assert set(ids.tolist()) <= set(ranked)
+        assert int(ids[-1]) == ranked[0] or not search.frame.text_reproduces([[ranked[0]]])[0][0]
+    (token,) = tokenizer.encode(" the", add_special_tokens=False)
+    probs = torch.zeros(1, logits_width(model))
+    probs[0, token] = 1.0
+    one = hard.HardSearch(model, tokenizer, Targets.from_probs(probs), HardConfig(**QUICK, init="target"))
+    assert one.current[0].tolist() == [token] * QUICK["prompt_length"]
+    probs = torch.zeros(1, logits_width(model))
+    probs[0, tokenizer.bos_token_id] = 1.0  # all mass on a special token: no allowed token to start from
+    with pytest.raises(ValueError, match="init='random'"):
+        hard.HardSearch(model, tokenizer, Targets.from_probs(probs), HardConfig(**QUICK, init="target"))
 
 
 # ------------------------------------------------------------------ seeds, batching, stopping

@@ -38,6 +38,7 @@ How a prompt is tokenised is `lm.PromptFrame`'s one rule (the contract `score_pr
 from scratch): ids = [BOS if prefix == "bos"] + encode(prefix_text + prompt_text + suffix); with
 prefix "chat" the prefix and suffix text are the chat template's rendering around the user message
 (`lm.chat_frame`), so the prompt is what the user says and the target is the assistant's first token.
+`init="target"` starts each search from its target's own most probable tokens (the most probable last);
 `init_text` starts the search from given text (e.g. the best hand-written instruction, one per target,
 or a soft prompt's nearest tokens: `init_text=tuple(soft.prompt_text)` where every projection
 re-tokenises to itself) instead of random tokens; with prompt_length=None, L is that text's token
@@ -151,7 +152,8 @@ class HardSearch:
             raise ValueError(f"top_k={config.top_k} exceeds the {n_allowed} allowed tokens; lower top_k.")
         self.gens = [generator(derive_seed(config.seed, tid, "hard")) for tid in targets.ids]
         # (T, L) the prompt each target's search stands on, on CPU; `best` the best seen (what is returned)
-        self.current = torch.tensor(initial_prompts(tokenizer, frame, config, allowed, self.gens), dtype=torch.long)
+        self.current = torch.tensor(initial_prompts(tokenizer, frame, config, allowed, self.gens,
+                                                    targets.probs), dtype=torch.long)
         self.best = self.current.clone()
 
         self.head = output_layer(model)

@@ -29,6 +29,9 @@ class HardConfig:
     # random); 0 = never restart (default 0)
     restart_after: int = 0
     buffer_size: int = 8  # best distinct prompts kept per target for restarts (default 8)
+    # where a search without init_text starts: "random" = random allowed tokens, "target" = the target's own most
+    # probable tokens, the most probable last (repeated if it has fewer than L)
+    init: str = "random"
     # initial prompt text, or a tuple of one text per target (e.g. hand-written instructions to improve);
     # each must tokenise to exactly L tokens (prompt_length=None: L is their token count); None = random tokens
     init_text: str | tuple[str, ...] | None = None
@@ -57,6 +60,10 @@ class HardConfig:
                                         and all(isinstance(t, str) and t != "" for t in texts)),
              f"init_text must be None (random tokens), non-empty text, or a tuple of non-empty texts (one per "
              f"target), got {self.init_text!r}.")
+        need(self.init in ("random", "target"),
+             f"init must be 'random' (random tokens) or 'target' (the target's most probable tokens), got {self.init!r}.")
+        need(self.init_text is None or self.init == "random",
+             f"init={self.init!r} and init_text both say where to start; give one of them.")
         need(self.prompt_length is not None or self.init_text is not None,
              "prompt_length=None takes L from init_text's token count; give init_text, or an integer prompt_length.")
         for name in ("prompt_length", "steps", "top_k", "n_candidates", "n_swaps", "n_swaps_end", "buffer_size",

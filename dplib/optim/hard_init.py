@@ -1,5 +1,6 @@
-"""Where a hard-prompt search starts: random tokens that survive re-tokenisation, or given text
-(`HardConfig.init_text`, one per target); and `resolve_length`, L from that text's token count."""
+"""Where a hard-prompt search starts: random tokens that survive re-tokenisation, the target's own most
+probable tokens (`HardConfig.init="target"`), or given text (`HardConfig.init_text`, one per target); and
+`resolve_length`, L from that text's token count."""
 
 from __future__ import annotations
 
@@ -30,6 +31,26 @@ def random_prompt(tokenizer, frame: PromptFrame, allowed_ids: Tensor, L: int, ch
             return ids
     raise RuntimeError(f"could not draw a random prompt of {L} tokens that survives re-tokenisation in "
                        f"{tries} tries; set init_text, or retokenize_filter=False.")
+
+
+def target_prompt(frame: PromptFrame, probs: Tensor, allowed: Tensor, L: int, check: bool) -> list[int] | None:
+    """L tokens from the target itself: its most probable allowed tokens, the most probable last (LMs copy from
+    their context, most of all from its end); a target with fewer than L such tokens repeats them. With `check`,
+    a token that would break re-tokenisation is skipped. probs: (vocab,) one target. None if no L tokens fit."""
+    ranked = (probs.float().cpu() * allowed.cpu()).argsort(descending=True)
+    n_mass = int(((probs.float().cpu() * allowed.cpu()) > 0).sum())
+    if n_mass == 0:
+        return None
+    pool = ranked[: min(n_mass, 4 * L)].tolist()  # the most probable first
+    order = (pool * (L // len(pool) + 1))[: 4 * L]  # repeated when the target has fewer than L tokens
+    ids: list[int] = []
+    for tok in order:  # the most probable first, then reversed: most probable last
+        trial = [tok] + ids
+        if not check or frame.text_reproduces([trial])[0][0]:
+            ids = trial
+        if len(ids) == L:
+            return ids
+    return None
 
 
 def init_texts(config: HardConfig, n_targets: int) -> list[str] | None:
@@ -65,12 +86,23 @@ def resolve_length(tokenizer, config: HardConfig, n_targets: int) -> HardConfig:
 
 
 def initial_prompts(tokenizer, frame: PromptFrame, config: HardConfig, allowed: Tensor,
-                     gens: list[torch.Generator]) -> list[list[int]]:
+                     gens: list[torch.Generator], probs: Tensor) -> list[list[int]]:
+    """Each target's first prompt, (T lists of L ids): init_text's tokens, else by `config.init`.
+    allowed: (vocab,) bool; gens: one generator per target; probs: (T, vocab) the targets."""
     L = config.prompt_length
     texts = init_texts(config, len(gens))
     if texts is None:
         allowed_ids = allowed.nonzero().flatten().cpu()
-        return [random_prompt(tokenizer, frame, allowed_ids, L, config.retokenize_filter, g) for g in gens]
+        prompts = []
+        for i, g in enumerate(gens):
+            ids = None if config.init == "random" else target_prompt(frame, probs[i], allowed, L,
+                                                                     config.retokenize_filter)
+            if ids is None and config.init == "target":
+                raise ValueError(f"init='target': target {i} has fewer allowed tokens with mass than fit a "
+                                 f"{L}-token prompt that re-tokenises to itself; use init='random' (or init_text).")
+            prompts.append(ids if ids is not None else
+                           random_prompt(tokenizer, frame, allowed_ids, L, config.retokenize_filter, g))
+        return prompts
     prompts = []
     for text in texts:
         ids = tokenizer.encode(text, add_special_tokens=False)
