@@ -37,14 +37,14 @@ def target_prompt(frame: PromptFrame, probs: Tensor, allowed: Tensor, L: int, ch
     """L tokens from the target itself: its most probable allowed tokens, the most probable last (LMs copy from
     their context, most of all from its end); a target with fewer than L such tokens repeats them. With `check`,
     a token that would break re-tokenisation is skipped. probs: (vocab,) one target. None if no L tokens fit."""
-    ranked = (probs.float().cpu() * allowed.cpu()).argsort(descending=True)
-    n_mass = int(((probs.float().cpu() * allowed.cpu()) > 0).sum())
+    mass = probs.float().cpu() * allowed.cpu()
+    n_mass = int((mass > 0).sum())
     if n_mass == 0:
         return None
-    pool = ranked[: min(n_mass, 4 * L)].tolist()  # the most probable first
+    pool = mass.argsort(descending=True)[: min(n_mass, 4 * L)].tolist()  # the most probable first
     order = (pool * (L // len(pool) + 1))[: 4 * L]  # repeated when the target has fewer than L tokens
     ids: list[int] = []
-    for tok in order:  # the most probable first, then reversed: most probable last
+    for tok in order:  # each prepended: the most probable ends the prompt
         trial = [tok] + ids
         if not check or frame.text_reproduces([trial])[0][0]:
             ids = trial
@@ -92,16 +92,14 @@ def initial_prompts(tokenizer, frame: PromptFrame, config: HardConfig, allowed: 
     L = config.prompt_length
     texts = init_texts(config, len(gens))
     if texts is None:
-        allowed_ids = allowed.nonzero().flatten().cpu()
-        prompts = []
-        for i, g in enumerate(gens):
-            ids = None if config.init == "random" else target_prompt(frame, probs[i], allowed, L,
-                                                                     config.retokenize_filter)
-            if ids is None and config.init == "target":
-                raise ValueError(f"init='target': target {i} has fewer allowed tokens with mass than fit a "
-                                 f"{L}-token prompt that re-tokenises to itself; use init='random' (or init_text).")
-            prompts.append(ids if ids is not None else
-                           random_prompt(tokenizer, frame, allowed_ids, L, config.retokenize_filter, g))
+        if config.init == "random":
+            allowed_ids = allowed.nonzero().flatten().cpu()
+            return [random_prompt(tokenizer, frame, allowed_ids, L, config.retokenize_filter, g) for g in gens]
+        prompts = [target_prompt(frame, p, allowed, L, config.retokenize_filter) for p in probs]
+        missing = [i for i, ids in enumerate(prompts) if ids is None]
+        if missing:
+            raise ValueError(f"init='target': targets {missing} have fewer allowed tokens with mass than fit a "
+                             f"{L}-token prompt that re-tokenises to itself; use init='random' (or init_text).")
         return prompts
     prompts = []
     for text in texts:
