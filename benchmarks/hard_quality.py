@@ -6,20 +6,24 @@ Fixed, seeded target sets on smollm2-135m (every variant searches the same targe
               dplib was compared with nanoGCG (L = 10, 50 steps, B = 128, top-k 128, one swap, start
               "x x … x", ASCII tokens; nanoGCG reached mean 0.25, worst 0.87 there);
   quickstart  notebook 00's target (vanilla, H = 3 nats, seed 0) at its budget (L = 5, 40 × 128, top-k 256);
-  entropy     vanilla targets at H = 1, 3, 5, 7 nats, L = 10, 30 steps × 128, top-k 256.
+  entropy     vanilla targets at H = 1, 3, 5, 7 nats, L = 10, 30 steps × 128, top-k 256;
+  notebook    vanilla targets at H = 1, 2, …, 8 nats at notebook 01's hard budget (L = 5, 20 steps × 64,
+              top-k 256): what the study's hard cells get (`--steps`, `--candidates` scale it).
 For the vanilla sets the soft prompt at its defaults (L as the set's) is run once, for the hard − soft gap.
 
 Variants (HardConfig overrides on the set's budget; "v0" is dplib ≤ 0.x's search):
-  v0        pure descent (move only on improvement), gradient proposals only, whole sequences scored
-  move      v0 + GCG's move (always stand on the step's best candidate, return the best seen)
-  copy      v0 + copy proposals (25 % of candidates place one of the target's own tokens)
-  default   today's HardConfig defaults (move + copy)
-  swaps     default + 2 positions per candidate at the first step, 1 at the last
-  restart   default + restarts from the 8 best prompts after 10 steps without a new best
-  target_init default, started from the target's own most probable tokens (init="target"; the one-token
-            set then starts from its word repeated, not from "x x … x")
-  soft_init default, started from the soft prompt's nearest tokens (vanilla sets; where every
-            projection re-tokenises to itself: `init_text=tuple(soft.prompt_text)`)
+  v0          pure descent (move only on improvement), gradient proposals only, whole sequences scored,
+              from random tokens
+  move        v0 + GCG's move (always stand on the step's best candidate, return the best seen)
+  copy        v0 + copy proposals (25 % of candidates place one of the target's own tokens)
+  random_init move + copy from random tokens (init="random": the defaults until 2026-12-03)
+  default     today's HardConfig defaults (move + copy, from the target's own most probable tokens)
+  swaps       default + 2 positions per candidate at the first step, 1 at the last
+  restart     default + restarts from the 8 best prompts after 10 steps without a new best
+  target_init default without the set's init_text: the one-token set then starts from its word repeated,
+              not from "x x … x" (on the vanilla sets, which have no init_text, the same as default)
+  soft_init   default, started from the soft prompt's nearest tokens (vanilla sets; where every
+              projection re-tokenises to itself: `init_text=tuple(soft.prompt_text)`)
 
 For each set and variant, in one run: the mean / median / worst KL after 1/4, 1/2 and all of the
 steps (with the forward passes, i.e. candidates scored, per target up to there), wall seconds and
@@ -47,13 +51,14 @@ from dplib.optim.hard import HardSearch
 from dplib.targets import Targets, logits_width, vanilla
 
 VARIANTS = {
-    "v0": dict(always_move=False, copy_share=0.0, reuse_prefix=False),
-    "move": dict(always_move=True, copy_share=0.0),
-    "copy": dict(always_move=False, copy_share=0.25),
+    "v0": dict(init="random", always_move=False, copy_share=0.0, reuse_prefix=False),
+    "move": dict(init="random", always_move=True, copy_share=0.0),
+    "copy": dict(init="random", always_move=False, copy_share=0.25),
+    "random_init": dict(init="random"),
     "default": {},
     "swaps": dict(n_swaps=2, n_swaps_end=1),
     "restart": dict(restart_after=10, buffer_size=8),
-    "target_init": dict(init="target", init_text=None),
+    "target_init": dict(init_text=None),
     "soft_init": {},  # set per target set from its soft prompt's projection
 }
 
@@ -87,6 +92,8 @@ def target_sets(model, tokenizer, quick: bool, n_words: int = 8) -> dict[str, tu
                        HardConfig(prompt_length=5, steps=4 if quick else 40, n_candidates=128, patience=0)),
         "entropy": (vanilla(width, [1.0, 3.0] if quick else [1.0, 3.0, 5.0, 7.0], seed=1),
                     HardConfig(prompt_length=10, steps=4 if quick else 30, n_candidates=128, patience=0)),
+        "notebook": (vanilla(width, [1.0, 4.0] if quick else [float(h) for h in range(1, 9)], seed=2),
+                     HardConfig(prompt_length=5, steps=4 if quick else 20, n_candidates=64, patience=0)),
     }
 
 
@@ -139,7 +146,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="short smoke run")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--sets", default="one_token,quickstart,entropy")
+    ap.add_argument("--sets", default="one_token,quickstart,entropy,notebook")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--csv", default=None, help="also write the table to this CSV file")
     ap.add_argument("--n-words", type=int, default=8, help="one-token targets (the first n of the 8 drawn)")

@@ -38,13 +38,14 @@ How a prompt is tokenised is `lm.PromptFrame`'s one rule (the contract `score_pr
 from scratch): ids = [BOS if prefix == "bos"] + encode(prefix_text + prompt_text + suffix); with
 prefix "chat" the prefix and suffix text are the chat template's rendering around the user message
 (`lm.chat_frame`), so the prompt is what the user says and the target is the assistant's first token.
-`init="target"` starts each search from its target's own most probable tokens (the most probable last);
-`init_text` starts the search from given text (e.g. the best hand-written instruction, one per target,
-or a soft prompt's nearest tokens: `init_text=tuple(soft.prompt_text)` where every projection
-re-tokenises to itself) instead of random tokens; with prompt_length=None, L is that text's token
-count (`optim.hard_init`). The optimiser works on the segments `[BOS] + encode(prefix_text)`, the L
-prompt ids and `encode(suffix)`; the filter guarantees that the whole-string tokenisation equals that
-concatenation, and the returned prompts are re-scored as whole sequences, so the decoded
+By default (`init="target"`) each search starts from its target's own most probable tokens, the most
+probable last (`init="random"`: random allowed tokens). `init_text` starts it from given text instead
+(e.g. the best hand-written instruction, one per target, or a soft prompt's nearest tokens:
+`init_text=tuple(soft.prompt_text)` where every projection re-tokenises to itself); with
+prompt_length=None, L is that text's token count (`optim.hard_init`). The optimiser works on the
+segments `[BOS] + encode(prefix_text)`, the L prompt ids and `encode(suffix)`; the filter guarantees
+that the whole-string tokenisation equals that concatenation, and the returned prompts are re-scored
+as whole sequences, so the decoded
 `prompt_text` run through the model from scratch gives the reported KL (up to float noise of
 batching, ≪ 1e-4). With the filter off, a prompt whose text does not re-tokenise to its ids is
 reported with `prompt_text` None.

@@ -29,11 +29,15 @@ class HardConfig:
     # random); 0 = never restart (default 0)
     restart_after: int = 0
     buffer_size: int = 8  # best distinct prompts kept per target for restarts (default 8)
-    # where a search without init_text starts: "random" = random allowed tokens, "target" = the target's own most
-    # probable tokens, the most probable last (repeated if it has fewer than L)
-    init: str = "random"
+    # where a search without init_text starts: "target" = the target's own most probable allowed tokens, the most
+    # probable last (repeated if it has fewer than L; positions they cannot fill start random), because LMs copy
+    # from their context: at equal cost it reached a lower mean KL than random starts on each of
+    # benchmarks/hard_quality.py's vanilla sets (docs/performance.md); "random" = random allowed tokens
+    # (default "target")
+    init: str = "target"
     # initial prompt text, or a tuple of one text per target (e.g. hand-written instructions to improve);
-    # each must tokenise to exactly L tokens (prompt_length=None: L is their token count); None = random tokens
+    # each must tokenise to exactly L tokens (prompt_length=None: L is their token count); None = start by `init`.
+    # Given text is where the search starts, whatever `init` says.
     init_text: str | tuple[str, ...] | None = None
     # fixed text before the prompt: "bos" = the BOS token (nothing if the tokenizer has none), "chat" = the
     # prompt is the user message of the tokenizer's chat template (lm.chat_frame), "" = none, else literal text
@@ -58,12 +62,10 @@ class HardConfig:
         texts = (self.init_text,) if isinstance(self.init_text, str) else self.init_text or ()
         need(self.init_text is None or (isinstance(self.init_text, (str, tuple)) and len(texts) > 0
                                         and all(isinstance(t, str) and t != "" for t in texts)),
-             f"init_text must be None (random tokens), non-empty text, or a tuple of non-empty texts (one per "
+             f"init_text must be None (start by init), non-empty text, or a tuple of non-empty texts (one per "
              f"target), got {self.init_text!r}.")
         need(self.init in ("random", "target"),
              f"init must be 'random' (random tokens) or 'target' (the target's most probable tokens), got {self.init!r}.")
-        need(self.init_text is None or self.init == "random",
-             f"init={self.init!r} and init_text both say where to start; give one of them.")
         need(self.prompt_length is not None or self.init_text is not None,
              "prompt_length=None takes L from init_text's token count; give init_text, or an integer prompt_length.")
         for name in ("prompt_length", "steps", "top_k", "n_candidates", "n_swaps", "n_swaps_end", "buffer_size",

@@ -1,6 +1,6 @@
-"""Where a hard-prompt search starts: random tokens that survive re-tokenisation, the target's own most
-probable tokens (`HardConfig.init="target"`), or given text (`HardConfig.init_text`, one per target); and
-`resolve_length`, L from that text's token count."""
+"""Where a hard-prompt search starts: the target's own most probable tokens (`HardConfig.init="target"`, the
+default), random tokens that survive re-tokenisation (`init="random"`), or given text (`HardConfig.init_text`,
+one per target, whatever `init` says); and `resolve_length`, L from that text's token count."""
 
 from __future__ import annotations
 
@@ -33,16 +33,17 @@ def random_prompt(tokenizer, frame: PromptFrame, allowed_ids: Tensor, L: int, ch
                        f"{tries} tries; set init_text, or retokenize_filter=False.")
 
 
-def target_prompt(frame: PromptFrame, probs: Tensor, allowed: Tensor, L: int, check: bool) -> list[int] | None:
+def target_prompt(tokenizer, frame: PromptFrame, probs: Tensor, allowed: Tensor, L: int, check: bool,
+                  gen: torch.Generator, tries: int = 50) -> list[int]:
     """L tokens from the target itself: its most probable allowed tokens, the most probable last (LMs copy from
     their context, most of all from its end); a target with fewer than L such tokens repeats them. With `check`,
-    a token that would break re-tokenisation is skipped. probs: (vocab,) one target. None if no L tokens fit."""
+    a token that would break re-tokenisation is skipped. Positions the target's tokens cannot fill (a target
+    whose few tokens merge when repeated, or one with no allowed token at all) start as random allowed tokens,
+    before the target's. probs: (vocab,) one target."""
     mass = probs.float().cpu() * allowed.cpu()
     n_mass = int((mass > 0).sum())
-    if n_mass == 0:
-        return None
-    pool = mass.argsort(descending=True)[: min(n_mass, 4 * L)].tolist()  # the most probable first
-    order = (pool * (L // len(pool) + 1))[: 4 * L]  # repeated when the target has fewer than L tokens
+    pool = mass.argsort(descending=True)[: min(n_mass, 4 * L)].tolist() if n_mass else []  # most probable first
+    order = (pool * (L // max(1, len(pool)) + 1))[: 4 * L]  # repeated when the target has fewer than L tokens
     ids: list[int] = []
     for tok in order:  # each prepended: the most probable ends the prompt
         trial = [tok] + ids
@@ -50,7 +51,14 @@ def target_prompt(frame: PromptFrame, probs: Tensor, allowed: Tensor, L: int, ch
             ids = trial
         if len(ids) == L:
             return ids
-    return None
+    allowed_ids = allowed.nonzero().flatten().cpu()
+    for _ in range(tries):
+        head = random_prompt(tokenizer, frame, allowed_ids, L - len(ids), check, gen)
+        if not check or frame.text_reproduces([head + ids])[0][0]:
+            return head + ids
+    raise RuntimeError(f"could not put {L - len(ids)} random tokens before the target's own {len(ids)} so that "
+                       f"the prompt survives re-tokenisation in {tries} tries; set init='random', init_text, "
+                       "or retokenize_filter=False.")
 
 
 def init_texts(config: HardConfig, n_targets: int) -> list[str] | None:
@@ -95,12 +103,8 @@ def initial_prompts(tokenizer, frame: PromptFrame, config: HardConfig, allowed: 
         if config.init == "random":
             allowed_ids = allowed.nonzero().flatten().cpu()
             return [random_prompt(tokenizer, frame, allowed_ids, L, config.retokenize_filter, g) for g in gens]
-        prompts = [target_prompt(frame, p, allowed, L, config.retokenize_filter) for p in probs]
-        missing = [i for i, ids in enumerate(prompts) if ids is None]
-        if missing:
-            raise ValueError(f"init='target': targets {missing} have fewer allowed tokens with mass than fit a "
-                             f"{L}-token prompt that re-tokenises to itself; use init='random' (or init_text).")
-        return prompts
+        return [target_prompt(tokenizer, frame, p, allowed, L, config.retokenize_filter, g)
+                for p, g in zip(probs, gens, strict=True)]
     prompts = []
     for text in texts:
         ids = tokenizer.encode(text, add_special_tokens=False)
