@@ -29,7 +29,7 @@ For each set and variant, in one run: the mean / median / worst KL after 1/4, 1/
 steps (with the forward passes, i.e. candidates scored, per target up to there), wall seconds and
 CPU seconds per target (process time: every thread's). Targets of a set are searched as one batch.
 
-    .venv/bin/python benchmarks/hard_quality.py                      # everything (about an hour on 2 cores)
+    .venv/bin/python benchmarks/hard_quality.py                      # everything (about three hours on 2 cores)
     .venv/bin/python benchmarks/hard_quality.py --sets one_token --variants v0,default
     .venv/bin/python benchmarks/hard_quality.py --quick              # smoke run (a couple of minutes)
 """
