@@ -137,10 +137,13 @@ def test_result_shapes_and_meta(tiny_run, tiny):
     assert list(df["prompt_text"]) == res.prompt_text
 
 
-def test_search_improves_and_kl_is_the_trace_minimum(tiny_run):
-    _, res = tiny_run
+def test_search_improves_and_kl_is_the_trace_minimum(tiny_run, tiny):
+    targets, res = tiny_run
     assert (res.kl <= res.initial_kl + 1e-6).all()
     assert (res.kl < res.initial_kl - 1e-3).all()  # the search improves on every target's start
+    # from random tokens, far from the target, it does real work on every target
+    rand = optimize_hard(*tiny, targets, HardConfig(**QUICK, init="random"), progress=False)
+    assert (rand.kl < rand.initial_kl - 0.1).all()
     torch.testing.assert_close(res.trace[0], res.initial_kl)
     torch.testing.assert_close(res.trace.min(dim=0).values, res.kl, atol=1e-4, rtol=0)
 
