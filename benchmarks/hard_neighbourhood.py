@@ -14,8 +14,8 @@ the search further from there: the limit is the neighbourhood, not how it is sam
 
 By default the prompt is the one the default search finds for the quickstart's target (vanilla, H = 3
 nats, seed 0; L = 5, 40 steps x 128 candidates), found first in the same run. The cost per position
-grows with the tokens after it: on 2 CPU cores about 3 min for the last position of L = 5 and 8 min
-for the third, 30-40 min for all five.
+grows with the tokens it runs: on 2 quiet CPU cores, for L = 5, from about 3 min for the last position
+to 10 min for the first, 32 min for all five.
 
     .venv/bin/python benchmarks/hard_neighbourhood.py                       # search, then every position
     .venv/bin/python benchmarks/hard_neighbourhood.py --positions 4,3       # the last two only
@@ -85,7 +85,7 @@ def main() -> None:
     positions = (list(range(L - 1, -1, -1)) if args.positions is None
                  else [int(p) for p in args.positions.split(",")])
     print(f"prompt {text!r}: KL {kl0:.4f}, {L} tokens; {len(allowed)} allowed tokens per position\n")
-    print("position | token now | swaps scored | re-tokenise | best swap | its KL | KL change | gradient rank")
+    print("position | token now | swaps | re-tokenise (scored) | best swap | its KL | KL change | gradient rank")
     best_text, best_kl = text, kl0
     for i in positions:
         t = time.perf_counter()
