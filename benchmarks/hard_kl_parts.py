@@ -25,16 +25,13 @@ same run, and the search's start (the target's L most probable tokens, `init="ta
 from __future__ import annotations
 
 import argparse
-import time
 from itertools import pairwise
 
+import quickstart_prompt
 import torch
 
-from dplib.models import load_model
-from dplib.optim import HardConfig, optimize_hard
 from dplib.optim.hard import HardSearch
 from dplib.optim.scoring import score_prompt_text
-from dplib.targets import logits_width, vanilla
 
 BANDS = (0, 5, 20, 100, 1000)  # rank band edges (0-based, exclusive ends); the last band runs to the vocabulary's end
 
@@ -69,29 +66,18 @@ def copy_oracle(p: torch.Tensor, logq: torch.Tensor, k: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--entropy", type=float, default=3.0, help="the vanilla target's entropy, nats")
-    ap.add_argument("--seed", type=int, default=0, help="the vanilla target's seed")
+    quickstart_prompt.add_arguments(ap)
     ap.add_argument("--text", action="append", default=None,
                     help="a prompt text to split (repeat for several; default: search for one first)")
-    ap.add_argument("--length", type=int, default=5, help="L of the search run first (no --text)")
-    ap.add_argument("--steps", type=int, default=40, help="steps of the search run first (no --text)")
     args = ap.parse_args()
 
-    model, tokenizer = load_model(args.model, device=args.device)
-    print(f"# {args.model} on {next(model.parameters()).device} ({torch.get_num_threads()} threads), "
-          f"torch {torch.__version__}")
-    targets = vanilla(logits_width(model), [args.entropy], seed=args.seed)
+    model, tokenizer, targets = quickstart_prompt.load(args)
     texts = args.text
     if texts is None:
-        config = HardConfig(prompt_length=args.length, steps=args.steps, n_candidates=128, patience=0)
-        t = time.perf_counter()
-        found = optimize_hard(model, tokenizer, targets, config, progress=False)
-        print(f"search (L = {args.length}, {args.steps} x 128): KL {float(found.kl[0]):.4f} "
-              f"in {time.perf_counter() - t:.0f} s")
+        config = quickstart_prompt.search_config(args)
         start = HardSearch(model, tokenizer, targets, config)  # its initial prompt: the target's top tokens
-        texts = [found.prompt_text[0], tokenizer.decode(start.current[0].tolist())]
+        texts = [quickstart_prompt.found_prompt(model, tokenizer, targets, config),
+                 tokenizer.decode(start.current[0].tolist())]
 
     p = targets.probs[0]
     top = p.double().argsort(descending=True)[:8]

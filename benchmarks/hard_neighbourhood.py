@@ -29,14 +29,14 @@ import argparse
 import math
 import time
 
+import quickstart_prompt
 import torch
 
 from dplib.lm import allowed_tokens
-from dplib.models import load_model
-from dplib.optim import HardConfig, optimize_hard
+from dplib.optim import HardConfig
 from dplib.optim.hard import HardSearch, _token_gradient
 from dplib.optim.scoring import score_prompt_text
-from dplib.targets import logits_width, vanilla
+from dplib.targets import logits_width
 
 
 def gradient_ranks(search: HardSearch) -> torch.Tensor:
@@ -51,30 +51,17 @@ def gradient_ranks(search: HardSearch) -> torch.Tensor:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--entropy", type=float, default=3.0, help="the vanilla target's entropy, nats")
-    ap.add_argument("--seed", type=int, default=0, help="the vanilla target's seed")
+    quickstart_prompt.add_arguments(ap)
     ap.add_argument("--text", default=None, help="scan this prompt text (default: search for one first)")
-    ap.add_argument("--length", type=int, default=5, help="L of the search run first (no --text)")
-    ap.add_argument("--steps", type=int, default=40, help="steps of the search run first (no --text)")
     ap.add_argument("--positions", default=None, help="comma-separated positions (default: all, last first)")
     ap.add_argument("--quick", action="store_true", help="smoke run: a short search, 2,000 tokens per position")
     args = ap.parse_args()
 
-    model, tokenizer = load_model(args.model, device=args.device)
-    print(f"# {args.model} on {next(model.parameters()).device} ({torch.get_num_threads()} threads), "
-          f"torch {torch.__version__}")
-    targets = vanilla(logits_width(model), [args.entropy], seed=args.seed)
+    model, tokenizer, targets = quickstart_prompt.load(args)
     text = args.text
     if text is None:
-        steps = 4 if args.quick else args.steps
-        t = time.perf_counter()
-        found = optimize_hard(model, tokenizer, targets, HardConfig(prompt_length=args.length, steps=steps,
-                                                                    n_candidates=128, patience=0), progress=False)
-        text = found.prompt_text[0]
-        print(f"search (L = {args.length}, {steps} x 128): KL {float(found.kl[0]):.4f} for {text!r} "
-              f"in {time.perf_counter() - t:.0f} s")
+        config = quickstart_prompt.search_config(args, steps=4 if args.quick else None)
+        text = quickstart_prompt.found_prompt(model, tokenizer, targets, config)
 
     search = HardSearch(model, tokenizer, targets, HardConfig(prompt_length=None, init_text=text, steps=1))
     kl0, L = float(search.initial_kl[0]), search.config.prompt_length
