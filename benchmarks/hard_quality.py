@@ -9,7 +9,15 @@ Fixed, seeded target sets on smollm2-135m (every variant searches the same targe
   entropy     vanilla targets at H = 1, 3, 5, 7 nats, L = 10, 30 steps × 128, top-k 256;
   notebook    vanilla targets at H = 1, 2, …, 8 nats at notebook 01's hard budget (L = 5, 20 steps × 64,
               top-k 256): what the study's hard cells get (`--steps`, `--candidates` scale it).
-For the vanilla sets the soft prompt at its defaults (L as the set's) is run once, for the hard − soft gap.
+  planted     8 targets a hard prompt is known to reach: the model's own next-token distribution after
+              seeded random 5-token prompts (allowed tokens, each re-tokenising to itself), 2 each with
+              entropy nearest 1, 3, 5, 7 nats (of 400 drawn), so KL 0 is attainable at L = 5; at the
+              quickstart's budget (40 × 128). How far the search stays above 0 here is the search's own
+              shortfall; on the vanilla sets it is also the target's.
+  lm          8 of the model's own next-token distributions at corpus positions (`targets.from_model`,
+              seed 0; contexts of 8-64 tokens, so not all are reachable at L = 5), the kind notebooks 03
+              and 05 prompt; at the quickstart's budget (40 × 128).
+For every set but one_token the soft prompt at its defaults (L as the set's) is run once, for the hard − soft gap.
 
 Variants (HardConfig overrides on the set's budget; "v0" is dplib ≤ 0.x's search):
   v0          pure descent (move only on improvement), gradient proposals only, whole sequences scored,
@@ -29,7 +37,7 @@ For each set and variant, in one run: the mean / median / worst KL after 1/4, 1/
 steps (with the forward passes, i.e. candidates scored, per target up to there), wall seconds and
 CPU seconds per target (process time: every thread's). Targets of a set are searched as one batch.
 
-    .venv/bin/python benchmarks/hard_quality.py                      # everything (about three hours on 2 cores)
+    .venv/bin/python benchmarks/hard_quality.py                      # everything (about three and a half hours on 2 cores)
     .venv/bin/python benchmarks/hard_quality.py --sets one_token --variants v0,default
     .venv/bin/python benchmarks/hard_quality.py --quick              # smoke run (a couple of minutes)
 """
@@ -45,10 +53,12 @@ import time
 import pandas as pd
 import torch
 
+from dplib import lm
 from dplib.models import load_model
-from dplib.optim import HardConfig, SoftConfig, optimize_soft
+from dplib.optim import HardConfig, SoftConfig, optimize_soft, score_prompt_text
 from dplib.optim.hard import HardSearch
-from dplib.targets import Targets, logits_width, vanilla
+from dplib.optim.hard_init import random_prompt
+from dplib.targets import Targets, from_model, logits_width, vanilla
 
 VARIANTS = {
     "v0": dict(init="random", always_move=False, copy_share=0.0, reuse_prefix=False),
@@ -79,22 +89,52 @@ def one_hot(width: int, tokens: list[int], tokenizer) -> Targets:
     return Targets.from_probs(probs, meta=meta)
 
 
-def target_sets(model, tokenizer, quick: bool, n_words: int = 8) -> dict[str, tuple[Targets, HardConfig]]:
-    """name → (targets, the set's budget as a HardConfig of today's defaults)."""
+def planted(model, tokenizer, entropies: list[float], per_entropy: int, L: int, seed: int = 3,
+            pool: int = 400) -> Targets:
+    """Targets reachable at L: the model's next-token distribution after seeded random prompts of L allowed
+    tokens (BOS first, as the search frames its prompts), each re-tokenising to itself. Of `pool` such
+    prompts, the `per_entropy` whose distributions' entropies lie nearest each of `entropies` (nats; random
+    prompts mostly give flat distributions, and flat ones are easy). The planted texts are in meta["planted"]."""
     width = logits_width(model)
-    n_words = 2 if quick else n_words
+    frame = lm.prompt_frame(model, tokenizer)
+    allowed = lm.allowed_tokens(tokenizer, width).nonzero().flatten()
+    gen = torch.Generator().manual_seed(seed)
+    texts = [tokenizer.decode(random_prompt(tokenizer, frame, allowed, L, True, gen)) for _ in range(pool)]
+    _, logprobs = score_prompt_text(model, tokenizer, texts, Targets.from_probs(torch.full((pool, width), 1 / width)))
+    probs = logprobs.double().exp()
+    entropy = -(probs * logprobs.double()).sum(-1)
+    pick: list[int] = []
+    for h in entropies:
+        pick += [i for i in (entropy - h).abs().argsort().tolist() if i not in pick][:per_entropy]
+    meta = pd.DataFrame({"target_id": [f"planted{i}" for i in pick], "kind": "planted",
+                         "planted": [texts[i] for i in pick]})
+    return Targets.from_probs(probs[pick].float(), renormalize=True, meta=meta)
+
+
+def target_sets(model, tokenizer, quick: bool, names: list[str], n: int = 8) -> dict[str, tuple[Targets, HardConfig]]:
+    """name → (targets, the set's budget as a HardConfig of today's defaults), for the sets named (each is
+    built only when asked for: planted and lm run the model). n: targets of the one_token and lm sets."""
+    width = logits_width(model)
+    n = 2 if quick else n
     x_start = " ".join(["x"] * 10)
-    return {
-        "one_token": (one_hot(width, word_tokens(tokenizer, n_words), tokenizer),
-                      HardConfig(prompt_length=10, steps=4 if quick else 50, n_candidates=128, top_k=128,
-                                 init_text=x_start, ascii_only=True, patience=0)),
-        "quickstart": (vanilla(width, [3.0], seed=0),
-                       HardConfig(prompt_length=5, steps=4 if quick else 40, n_candidates=128, patience=0)),
-        "entropy": (vanilla(width, [1.0, 3.0] if quick else [1.0, 3.0, 5.0, 7.0], seed=1),
-                    HardConfig(prompt_length=10, steps=4 if quick else 30, n_candidates=128, patience=0)),
-        "notebook": (vanilla(width, [1.0, 4.0] if quick else [float(h) for h in range(1, 9)], seed=2),
-                     HardConfig(prompt_length=5, steps=4 if quick else 20, n_candidates=64, patience=0)),
+    quickstart_budget = HardConfig(prompt_length=5, steps=4 if quick else 40, n_candidates=128, patience=0)
+    build = {
+        "one_token": lambda: (one_hot(width, word_tokens(tokenizer, n), tokenizer),
+                              HardConfig(prompt_length=10, steps=4 if quick else 50, n_candidates=128, top_k=128,
+                                         init_text=x_start, ascii_only=True, patience=0)),
+        "quickstart": lambda: (vanilla(width, [3.0], seed=0), quickstart_budget),
+        "entropy": lambda: (vanilla(width, [1.0, 3.0] if quick else [1.0, 3.0, 5.0, 7.0], seed=1),
+                            HardConfig(prompt_length=10, steps=4 if quick else 30, n_candidates=128, patience=0)),
+        "notebook": lambda: (vanilla(width, [1.0, 4.0] if quick else [float(h) for h in range(1, 9)], seed=2),
+                             HardConfig(prompt_length=5, steps=4 if quick else 20, n_candidates=64, patience=0)),
+        "planted": lambda: (planted(model, tokenizer, [1.0, 3.0] if quick else [1.0, 3.0, 5.0, 7.0],
+                                    1 if quick else 2, 5), quickstart_budget),
+        "lm": lambda: (from_model(model, tokenizer, n, seed=0), quickstart_budget),
     }
+    unknown = [name for name in names if name not in build]
+    if unknown:
+        raise SystemExit(f"unknown set(s) {unknown}; choose among {list(build)}.")
+    return {name: build[name]() for name in names}
 
 
 def run_variant(model, tokenizer, targets: Targets, config: HardConfig) -> dict:
@@ -146,10 +186,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="short smoke run")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--sets", default="one_token,quickstart,entropy,notebook")
+    ap.add_argument("--sets", default="one_token,quickstart,entropy,notebook,planted,lm")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--csv", default=None, help="also write the table to this CSV file")
-    ap.add_argument("--n-words", type=int, default=8, help="one-token targets (the first n of the 8 drawn)")
+    ap.add_argument("--n-words", type=int, default=8, help="targets of the one_token and lm sets")
     ap.add_argument("--steps", type=int, default=None, help="override every set's steps (a smaller ablation)")
     ap.add_argument("--candidates", type=int, default=None, help="override every set's candidates per step")
     ap.add_argument("--no-soft", action="store_true", help="skip the soft prompts (no hard − soft gap)")
@@ -158,12 +198,16 @@ def main() -> None:
     model, tokenizer = load_model(args.model, device=args.device)
     print(f"# {args.model} on {next(model.parameters()).device} ({torch.get_num_threads()} threads), "
           f"torch {torch.__version__}")
-    sets = target_sets(model, tokenizer, args.quick, args.n_words)
+    sets = target_sets(model, tokenizer, args.quick, args.sets.split(","), args.n_words)
     overrides = {k: v for k, v in (("steps", args.steps), ("n_candidates", args.candidates)) if v is not None}
     sets = {name: (t, dataclasses.replace(cfg, **overrides)) for name, (t, cfg) in sets.items()}
     rows = []
     for set_name in args.sets.split(","):
         targets, budget = sets[set_name]
+        if set_name == "planted":  # the planted prompts themselves, scored from their text: KL 0 by construction
+            kl0, _ = score_prompt_text(model, tokenizer, targets.meta["planted"].tolist(), targets)
+            print(f"planted: entropies {[round(float(h), 2) for h in targets.entropy]} nats; the planted prompts "
+                  f"{targets.meta['planted'].tolist()} score KL {[round(float(k), 5) for k in kl0]}", flush=True)
         soft = None
         if set_name != "one_token" and not args.no_soft:
             soft_cfg = SoftConfig(prompt_length=budget.prompt_length, steps=20 if args.quick else SoftConfig.steps)

@@ -32,8 +32,9 @@ class HardConfig:
     # where a search without init_text starts: "target" = the target's own most probable allowed tokens, the most
     # probable last (repeated if it has fewer than L; positions they cannot fill start random), because LMs copy
     # from their context: at equal cost it reached a lower mean KL than random starts on each of
-    # benchmarks/hard_quality.py's vanilla sets (docs/performance.md); "random" = random allowed tokens
-    # (default "target")
+    # benchmarks/hard_quality.py's vanilla sets (docs/performance.md); "random" = random allowed tokens, which
+    # measured better on model-made targets (the model's own distributions: their top tokens are what it
+    # predicts, not what it copies) (default "target")
     init: str = "target"
     # initial prompt text, or a tuple of one text per target (e.g. hand-written instructions to improve);
     # each must tokenise to exactly L tokens (prompt_length=None: L is their token count); None = start by `init`.
