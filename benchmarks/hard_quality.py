@@ -58,7 +58,7 @@ from dplib.models import load_model
 from dplib.optim import HardConfig, SoftConfig, optimize_soft, score_prompt_text
 from dplib.optim.hard import HardSearch
 from dplib.optim.hard_init import random_prompt
-from dplib.targets import Targets, from_model, logits_width, vanilla
+from dplib.targets import Targets, from_model, logits_width, next_token_probs, vanilla
 
 VARIANTS = {
     "v0": dict(init="random", always_move=False, copy_share=0.0, reuse_prefix=False),
@@ -92,23 +92,21 @@ def one_hot(width: int, tokens: list[int], tokenizer) -> Targets:
 def planted(model, tokenizer, entropies: list[float], per_entropy: int, L: int, seed: int = 3,
             pool: int = 400) -> Targets:
     """Targets reachable at L: the model's next-token distribution after seeded random prompts of L allowed
-    tokens (BOS first, as the search frames its prompts), each re-tokenising to itself. Of `pool` such
-    prompts, the `per_entropy` whose distributions' entropies lie nearest each of `entropies` (nats; random
-    prompts mostly give flat distributions, and flat ones are easy). The planted texts are in meta["planted"]."""
-    width = logits_width(model)
+    tokens (framed as the search frames its prompts: BOS first), each re-tokenising to itself. Of `pool`
+    such prompts, the `per_entropy` whose distributions' entropies lie nearest each of `entropies` (nats;
+    random prompts mostly give flat distributions, and flat ones are easy). The planted texts are in
+    meta["planted"]."""
     frame = lm.prompt_frame(model, tokenizer)
-    allowed = lm.allowed_tokens(tokenizer, width).nonzero().flatten()
+    allowed = lm.allowed_tokens(tokenizer, logits_width(model)).nonzero().flatten()
     gen = torch.Generator().manual_seed(seed)
-    texts = [tokenizer.decode(random_prompt(tokenizer, frame, allowed, L, True, gen)) for _ in range(pool)]
-    _, logprobs = score_prompt_text(model, tokenizer, texts, Targets.from_probs(torch.full((pool, width), 1 / width)))
-    probs = logprobs.double().exp()
-    entropy = -(probs * logprobs.double()).sum(-1)
+    prompts = [random_prompt(tokenizer, frame, allowed, L, True, gen) for _ in range(pool)]
+    drawn = Targets.from_probs(next_token_probs(model, [frame.ids(p) for p in prompts]))
     pick: list[int] = []
     for h in entropies:
-        pick += [i for i in (entropy - h).abs().argsort().tolist() if i not in pick][:per_entropy]
+        pick += [i for i in (drawn.entropy - h).abs().argsort().tolist() if i not in pick][:per_entropy]
     meta = pd.DataFrame({"target_id": [f"planted{i}" for i in pick], "kind": "planted",
-                         "planted": [texts[i] for i in pick]})
-    return Targets.from_probs(probs[pick].float(), renormalize=True, meta=meta)
+                         "planted": [tokenizer.decode(prompts[i]) for i in pick]})
+    return Targets.from_probs(drawn.probs[pick], meta=meta)
 
 
 def target_sets(model, tokenizer, quick: bool, names: list[str], n: int = 8) -> dict[str, tuple[Targets, HardConfig]]:
@@ -204,7 +202,7 @@ def main() -> None:
     rows = []
     for set_name in args.sets.split(","):
         targets, budget = sets[set_name]
-        if set_name == "planted":  # the planted prompts themselves, scored from their text: KL 0 by construction
+        if set_name == "planted":  # the planted prompts, scored from their text: KL 0 (to float32 rounding)
             kl0, _ = score_prompt_text(model, tokenizer, targets.meta["planted"].tolist(), targets)
             print(f"planted: entropies {[round(float(h), 2) for h in targets.entropy]} nats; the planted prompts "
                   f"{targets.meta['planted'].tolist()} score KL {[round(float(k), 5) for k in kl0]}", flush=True)
